@@ -28,3 +28,38 @@ def companion_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def data_dir() -> Path:
     """Audio fixtures copied from ../shared/fixtures/audio (tests must not need ../shared)."""
     return DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random CSM checkpoint (32 codebooks, seed 0) in the hub layout of sesame/csm-1b, built once."""
+    from companion.testing.tiny_checkpoint import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_csm"), codebooks=32, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_dir: Path):  # -> companion.engine.Engine
+    """An Engine on the tiny checkpoint (CPU, float32), shared by the engine tests.
+
+    Tests that change its prefix cache must not rely on what an earlier test left there."""
+    from companion.engine import Engine
+
+    return Engine.load(str(tiny_model_dir), device="cpu", dtype="float32", max_seq_len=1024)
+
+
+@pytest.fixture(scope="session")
+def speech_24k(data_dir: Path):  # -> Callable[[str, float], np.ndarray]
+    """``speech_24k(name, seconds)``: the first seconds of tests/data/NAME as float32 mono 24 kHz."""
+    import numpy as np
+    import soundfile as sf
+    import soxr
+
+    def load(name: str, seconds: float) -> np.ndarray:
+        audio, rate = sf.read(str(data_dir / name), dtype="float32", always_2d=True)
+        mono = audio.mean(axis=1)
+        if rate != 24000:
+            mono = soxr.resample(mono, rate, 24000)
+        return np.ascontiguousarray(mono[: int(seconds * 24000)], dtype=np.float32)
+
+    return load

@@ -3,15 +3,105 @@
 from __future__ import annotations
 
 import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
 
-from companion.errors import CompanionError
+from companion.commands.common import add_model_arguments, settings_from_args
+from companion.errors import CompanionError, UsageError
 
-HELP = "measure generation speed against transformers' generate and the hardware floor [not implemented yet: issue 3]"
+HELP = "measure generation speed against transformers' generate and the hardware floor"
+DESCRIPTION = (
+    "Measure, in one run on the same weights, dtype and prompt: transformers' generate (the baseline), "
+    "companion's engine (speed, time to first audio, prefill with a cached 10 s and 2-minute reference, "
+    "Mimi decode, memory) and the hardware floor (weight bytes per frame / measured bandwidth)."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    add_model_arguments(parser)
+    g = parser.add_argument_group("bench")
+    g.add_argument(
+        "--random-weights", choices=["tiny", "full"],
+        help="use random weights instead of --model: tiny (the test checkpoint) or full (the csm-1b architecture)",
+    )  # fmt: skip
+    g.add_argument("--frames", type=int, default=16, metavar="N", help="frames per speed measurement (default 16)")
+    g.add_argument("--repeats", type=int, default=3, metavar="N", help="runs per latency measurement (default 3)")
+    g.add_argument("--json", type=Path, metavar="FILE", help="also write the results to FILE as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
-    raise CompanionError("`companion bench` is not implemented yet (issue 3)")
+    from companion.engine import bench
+    from companion.engine.loading import select_device, select_dtype
+
+    if args.random_weights and args.model:
+        raise UsageError("--model and --random-weights exclude each other: pick one")
+    if args.frames < 2 or args.repeats < 1:
+        raise UsageError("--frames must be at least 2 and --repeats at least 1")
+    settings = settings_from_args(args)
+    device = select_device(settings.model.device)
+    dtype = select_dtype(settings.model.dtype, device)
+    opts = bench.BenchOptions(frames=args.frames, repeats=args.repeats)
+    with tempfile.TemporaryDirectory(prefix="companion-bench-") as work:
+        _log(f"loading {args.random_weights or settings.model.id} on {device.type} ({dtype})")
+        if args.random_weights:
+            engine, label = bench.random_engine(args.random_weights, device, dtype, work)
+        else:
+            from companion.engine import Engine
+
+            engine = Engine.load(settings.model.id, revision=settings.model.revision, device=device.type,
+                                 dtype=str(dtype).removeprefix("torch."))  # fmt: skip
+            label = engine.model_key
+        results = bench.finite(bench.run_bench(engine, label, opts, _log))
+    _print_table(results)
+    if args.json:
+        try:
+            args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        except OSError as err:
+            raise CompanionError(f"cannot write {args.json}: {err.strerror or err}: pick another --json path") from err
+    return 0
+
+
+def _log(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[dim]{message}...[/dim]")
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:,.3f}{unit}" if abs(value) < 10 else f"{value:,.1f}{unit}"
+    return f"{value:,}{unit}"
+
+
+def _print_table(r: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    e, b, f, q = r["engine"], r["baseline"], r["floor"], r["ratios"]
+    table = Table(title=f"companion bench: {r['model']} on {r['device']} ({r['dtype']}), {r['frames']} frames")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    rows = [
+        ("transformers generate", _fmt(b["ms_per_frame"], " ms/frame")),
+        ("engine", _fmt(e["ms_per_frame"], " ms/frame")),
+        ("floor (weights / bandwidth)", _fmt(f["ms_per_frame"], " ms/frame")),
+        ("engine / generate", _fmt(q["engine_over_baseline"])),
+        ("engine / floor", _fmt(q["engine_over_floor"])),
+        ("engine RTF (with Mimi decode)", _fmt(e["rtf"])),
+        ("Mimi decode (streaming, as chunked)", _fmt(e["mimi_decode_ms_per_frame"], " ms/frame")),
+        ("first audio, 2-min reference, cold", _fmt(e["first_audio_ms_cold"], " ms")),
+        ("first audio, 2-min reference, cached", _fmt(e["first_audio_ms_cached"], " ms")),
+        ("turn prefill after 10 s reference", _fmt(e["prefill_ms_ref10s"], " ms")),
+        ("turn prefill after 120 s reference", _fmt(e["prefill_ms_ref120s"], " ms")),
+        ("weight bytes per frame", _fmt(f["weight_bytes_per_frame"] / 1e6, " MB")),
+        ("bandwidth", _fmt(f["bandwidth_gbps"], " GB/s")),
+        ("peak RSS", _fmt(e["peak_rss_mb"], " MiB")),
+        ("CUDA max allocated", _fmt(e["cuda_max_allocated_mb"], " MiB")),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    Console().print(table)

@@ -1,17 +1,171 @@
-"""`companion chat`: talk with the companion in the terminal (REPL); reads lines from stdin when it is not a TTY."""
+"""`companion chat`: talk with the companion in the terminal (REPL); reads lines from stdin when it is not a TTY.
+
+Also holds what `say` shares with it: settings from the flags, the audio output (or the WAV
+fallback) and loading the model and the session behind a progress line.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from companion.commands.common import add_model_arguments, settings_from_args
+from companion.config import Settings
 from companion.errors import CompanionError
+from companion.paths import get_paths
 
-HELP = "talk with the companion in the terminal (REPL); reads lines from stdin when it is not a TTY [not implemented yet: issue 5]"
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from companion.audio.playback import AudioOutput
+    from companion.repl.context import ChatContext
+    from companion.session import Session
+
+HELP = "talk with the companion in the terminal (REPL); reads lines from stdin when it is not a TTY"
+DESCRIPTION = (
+    "Talk with the companion: each line you type is spoken in the chosen voice while you keep typing. "
+    "/help lists the commands; Ctrl-C stops the speech, Ctrl-D quits. When stdin is not a terminal, "
+    "each line read from it is spoken (or saved with --save-dir) in order."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--voice", metavar="NAME", help="the voice to speak with (see `companion voice list`)")
+    parser.add_argument("--resume", nargs="?", const="latest", metavar="ID",
+                        help="continue a saved conversation (default: the latest; see `companion history list`)")
+    add_output_arguments(parser)
+    parser.add_argument("--save-dir", type=Path, metavar="DIR",
+                        help="write each reply as a WAV file in DIR instead of playing it (also /save's folder)")
+    add_model_arguments(parser)
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output-device", metavar="NUMBER|NAME", help="where to play (see `companion devices`)")
+    parser.add_argument("--no-watermark", action="store_true", help="do not mark replies as AI-generated audio")
 
 
 def run(args: argparse.Namespace) -> int:
-    raise CompanionError("`companion chat` is not implemented yet (issue 5)")
+    from companion.repl.app import run_interactive, run_lines
+    from companion.repl.console import make_console
+
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    console = make_console(interactive=interactive)
+    settings = settings_for(args)
+    save_dir = args.save_dir.expanduser() if args.save_dir else get_paths().audio_dir
+    with ExitStack() as stack:
+        output = open_speech_output(settings, args.save_dir, console)
+        session = stack.enter_context(load_session(settings, console, resume=args.resume))
+        ctx = build_context(session, settings, output, save_dir, console, debug=_debug(args))
+        stack.callback(ctx.worker.close)
+        if interactive:
+            return run_interactive(ctx, get_paths().input_history_file)
+        return run_lines(ctx, sys.stdin)
+    return 0
+
+
+def _debug(args: argparse.Namespace) -> bool:
+    import os
+
+    return bool(getattr(args, "debug", False) or os.environ.get("COMPANION_DEBUG"))
+
+
+def settings_for(args: argparse.Namespace) -> Settings:
+    extra: dict[str, Any] = {"playback": {"output_device": args.output_device}, "voice": args.voice}
+    if args.no_watermark:
+        extra["watermark"] = {"enabled": False}
+    return settings_from_args(args, extra)
+
+
+def open_speech_output(settings: Settings, save_dir: Path | None, console: Console) -> AudioOutput:
+    """The player; with ``save_dir`` (or when there is no sound) a WAV writer, after ONE warning line."""
+    from companion.audio.playback import WavWriter, open_output
+    from companion.repl.console import RichPrinter
+
+    if save_dir is not None:
+        return WavWriter(save_dir.expanduser())
+    pb = settings.playback
+    output, warning = open_output(pb.output_device, get_paths().audio_dir, prebuffer_ms=pb.prebuffer_ms,
+                                  tail_silence_ms=pb.tail_silence_ms)
+    if warning:
+        RichPrinter(console).warn(warning)
+    return output
+
+
+@contextmanager
+def load_session(settings: Settings, console: Console, *, resume: str | None = None,
+                 history: bool = True) -> Iterator[Session]:
+    """Load the model (with a progress line), then a new session or the resumed one, with its voice."""
+    from companion.config import resolve_model_path
+    from companion.engine import Engine
+    from companion.session import Session
+    from companion.store import Store
+    from companion.voices import VoiceStore
+
+    m = settings.model
+    start = time.monotonic()
+    with console.status(f"loading {m.id} …", spinner="dots"):
+        engine = Engine.load(resolve_model_path(m.id), revision=m.revision, device=m.device, dtype=m.dtype,
+                             max_seq_len=settings.context.max_seq_len)
+    console.print(f"[green]✓[/] model {m.id} loaded in {time.monotonic() - start:.1f} s", highlight=False)
+    store = Store(get_paths().history_db) if history else None
+    voices = VoiceStore()
+    try:
+        if resume is not None and store is not None:
+            session = Session.resume(engine, settings, store, _resume_id(resume), voices)
+            console.print(f"resumed conversation {session.session_id}", highlight=False)
+        else:
+            session = Session(engine, settings, store, voices)
+        if settings.voice:
+            with console.status(f"preparing voice {settings.voice} …", spinner="dots"):
+                session.use_voice(settings.voice)
+        yield session
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _resume_id(value: str) -> int | None:
+    if value == "latest":
+        return None
+    if not value.isdigit():
+        raise CompanionError(f"--resume {value}: expected a conversation number (see `companion history list`)")
+    return int(value)
+
+
+def build_context(session: Session, settings: Settings, output: AudioOutput, save_dir: Path, console: Console,
+                  *, debug: bool = False) -> ChatContext:
+    """The REPL's context: the worker that speaks, the printer, the command registry."""
+    from companion.repl.console import RichPrinter
+    from companion.repl.context import ChatContext, Status
+    from companion.repl.slash import build_registry
+    from companion.repl.turns import TurnWorker
+    from companion.text import estimate_seconds
+    from companion.voices import VoiceStore
+
+    printer = RichPrinter(console)
+    status = Status()
+
+    def refresh() -> None:  # runs in the worker thread, the only one that touches the session
+        status.voice = session.active or settings.voice or "default"
+        status.context_used, status.context_budget = session.context_used(), session.context_budget()
+
+    def expected(text: str) -> float:
+        return min(1.5 * estimate_seconds(text) + 0.5, _max_reply_seconds(session, text))
+
+    worker = TurnWorker(lambda text, cancel: session.speak(text, cancel=cancel), output, printer.event,
+                        estimate=expected, debug=debug, after_each=refresh)
+    refresh()
+    return ChatContext(session, settings, output, worker, printer, session.voice_store or VoiceStore(),
+                       build_registry(), save_dir, status)
+
+
+def _max_reply_seconds(session: Session, text: str) -> float:
+    from companion.text import prepare
+
+    segments = max(1, len(prepare(text, session.settings.generation.max_segment_seconds)))
+    return segments * session.max_frames() / session.engine.frame_rate

@@ -3,15 +3,184 @@
 from __future__ import annotations
 
 import argparse
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from companion.errors import CompanionError
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
 
-HELP = "manage voice profiles: add, list, show, remove [not implemented yet: issue 2]"
+from companion.commands.common import add_model_arguments, settings_from_args
+from companion.errors import UsageError
+from companion.paths import get_paths
+from companion.voices import GenerationOverrides, VoiceProfile, VoiceStore, read_transcript
+
+if TYPE_CHECKING:
+    from companion.audio.prepare import PreparationReport
+from companion.yamlfile import describe_validation_error
+
+HELP = "manage voice profiles: add, list, show, remove"
+DESCRIPTION = (
+    "Manage voice profiles (one YAML file per voice in your data folder; examples ship in config/voices). "
+    "A voice is 2-3 minutes of clean speech of one speaker plus its transcript."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add = sub.add_parser("add", help="add a voice from reference audio and its transcript (checks the audio first)")
+    add.add_argument("name", help="voice name (letters, digits, '-' and '_')")
+    add.add_argument("--audio", action="append", required=True, metavar="FILE",
+                     help="reference recording (WAV, MP3, FLAC, OGG); repeat for several files of the same speaker")
+    add.add_argument("--transcript", metavar="TEXT", help="the words spoken in the audio")
+    add.add_argument("--transcript-file", metavar="FILE", help="a UTF-8 text file with the words spoken in the audio")
+    add.add_argument("--speaker", type=int, default=0, metavar="N", help="CSM speaker id for this voice (default 0)")
+    add.add_argument("--temperature", type=float, help="this voice's sampling temperature (default: config)")
+    add.add_argument("--topk", type=int, help="this voice's top-k (default: config)")
+    add.add_argument("--seed", type=int, help="this voice's random seed (default: config)")
+    add.add_argument("--force", action="store_true", help="replace an existing voice of the same name")
+    sub.add_parser("list", help="list the voices (yours and the shipped examples)")
+    show = sub.add_parser("show", help="show a voice's profile and what preparing its audio does")
+    show.add_argument("name")
+    encode = sub.add_parser(
+        "encode", help="encode a voice's reference with the model now and cache the codes (sessions then start fast)"
+    )
+    encode.add_argument("name")
+    add_model_arguments(encode)
+    remove = sub.add_parser("remove", help="delete one of your voice profiles (the audio files are kept)")
+    remove.add_argument("name")
 
 
 def run(args: argparse.Namespace) -> int:
-    raise CompanionError("`companion voice` is not implemented yet (issue 2)")
+    console = Console(highlight=False, soft_wrap=True)
+    actions = {"add": _add, "list": _list, "show": _show, "encode": _encode, "remove": _remove}
+    return actions[args.action](args, console)
+
+
+def _add(args: argparse.Namespace, console: Console) -> int:
+    store = VoiceStore()
+    profile = _profile_from_args(args)
+    if not args.force and profile.name in store.names():
+        store.add(profile)  # raises the "already exists" error before the audio is prepared
+    from companion.audio.prepare import prepare_references
+
+    prepared = prepare_references(profile.audio_paths(), settings_from_args(args).reference)
+    path = store.add(profile, force=args.force)
+    console.print(f"added voice '{profile.name}' -> {path}")
+    _print_reports(console, prepared.reports, prepared.seconds)
+    return 0
+
+
+def _profile_from_args(args: argparse.Namespace) -> VoiceProfile:
+    if args.transcript is not None and args.transcript_file is not None:
+        raise UsageError("give either --transcript or --transcript-file, not both")
+    if args.transcript is None and args.transcript_file is None:
+        raise UsageError("transcript missing: pass --transcript TEXT or --transcript-file FILE (the words spoken in the audio)")
+    if args.transcript is not None and not args.transcript.strip():
+        raise UsageError("--transcript is empty: give the words spoken in the audio")
+    transcript_file = None
+    if args.transcript_file is not None:
+        path = Path(args.transcript_file).expanduser().resolve()
+        read_transcript(path)
+        transcript_file = _reference(path)
+    overrides = GenerationOverrides(temperature=args.temperature, topk=args.topk, seed=args.seed)
+    try:
+        return VoiceProfile(
+            name=args.name,
+            audio=[_reference(Path(a).expanduser().resolve()) for a in args.audio],
+            transcript=args.transcript.strip() if args.transcript is not None else None,
+            transcript_file=transcript_file,
+            speaker=args.speaker,
+            generation=overrides,
+        )
+    except ValidationError as err:
+        raise UsageError(describe_validation_error("companion voice add", err)) from None
+
+
+def _reference(path: Path) -> str:
+    """How a profile refers to ``path``: relative when it is in clone_files, else absolute."""
+    clone_dir = get_paths().clone_dir.resolve()
+    return str(path.relative_to(clone_dir)) if path.is_relative_to(clone_dir) else str(path)
+
+
+def _list(args: argparse.Namespace, console: Console) -> int:
+    store = VoiceStore()
+    profiles = store.list()
+    if not profiles:
+        console.print("no voices yet: add one with `companion voice add NAME --audio FILE --transcript-file FILE`")
+        return 0
+    table = Table("name", "speaker", "audio", "transcript", "profile")
+    for p in profiles:
+        transcript = p.transcript if p.transcript is not None else (f"file: {Path(p.transcript_file).name}" if p.transcript_file else "")
+        table.add_row(
+            p.name,
+            str(p.speaker),
+            ", ".join(Path(a).name for a in p.audio) or "(none yet)",
+            transcript if len(transcript) <= 40 else transcript[:39] + "…",
+            "yours" if store.is_user(p) else "example",
+        )
+    console.print(table)
+    return 0
+
+
+def _show(args: argparse.Namespace, console: Console) -> int:
+    profile = VoiceStore().get(args.name)
+    transcript = profile.transcript_text()
+    console.print(f"voice:      {profile.name}")
+    console.print(f"profile:    {profile.path}")
+    console.print(f"speaker:    {profile.speaker}")
+    files = profile.audio_paths()
+    for i, f in enumerate(files):
+        console.print(f"{'audio:' if i == 0 else '':<11} {f}")
+    if not files:
+        console.print("audio:      none yet (the first reply will become the reference)")
+    if transcript is not None:
+        words = len(transcript.split())
+        console.print(f"transcript: {transcript if len(transcript) <= 70 else transcript[:69] + '…'} ({words} words)")
+    if profile.generation.as_dict():
+        console.print("generation: " + ", ".join(f"{k}={v}" for k, v in profile.generation.as_dict().items()))
+    if files:
+        from companion.audio.prepare import prepare_references
+
+        prepared = prepare_references(files, settings_from_args(args).reference)
+        _print_reports(console, prepared.reports, prepared.seconds)
+    return 0
+
+
+def _encode(args: argparse.Namespace, console: Console) -> int:
+    from companion.engine import Engine
+    from companion.refcache import ReferenceCache
+    from companion.voices import load_voice
+
+    settings = settings_from_args(args)
+    profile = VoiceStore().get(args.name)
+    m = settings.model
+    engine = Engine.load(m.id, revision=m.revision, device=m.device, dtype=m.dtype)
+    cache = ReferenceCache()
+    start = time.perf_counter()
+    voice = load_voice(profile, engine, settings.reference, cache)
+    seconds = time.perf_counter() - start
+    if voice.codes is None:
+        console.print(f"{profile.name}: no reference audio yet: nothing to encode")
+        return 0
+    how = "loaded from the cache" if voice.cache_hit else "prepared and encoded"
+    k, t = voice.codes.shape
+    console.print(f"{profile.name}: {t} frames x {k} codebooks ({t / engine.frame_rate:.1f} s), {how} in {seconds:.3f} s")
+    if voice.reports and voice.audio is not None:
+        _print_reports(console, voice.reports, len(voice.audio) / engine.sample_rate)
+    return 0
+
+
+def _remove(args: argparse.Namespace, console: Console) -> int:
+    path = VoiceStore().remove(args.name)
+    console.print(f"removed voice '{args.name}' ({path} deleted; its audio files were kept)")
+    return 0
+
+
+def _print_reports(console: Console, reports: list[PreparationReport], total: float) -> None:
+    console.print("prepared reference (mono, 24 kHz):")
+    for report in reports:
+        console.print(f"  {report.summary()}")
+    if len(reports) > 1:
+        console.print(f"  total: {total:.1f} s (files joined with a pause)")

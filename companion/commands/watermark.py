@@ -1,17 +1,82 @@
-"""`companion watermark`: embed or detect companion's audio watermark in a WAV file."""
+"""`companion watermark`: embed or detect companion's audio watermark in an audio file."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from companion.errors import CompanionError
+import numpy as np
+import soundfile as sf
 
-HELP = "embed or detect companion's audio watermark in a WAV file [not implemented yet: issue 2]"
+from companion import watermark
+from companion.atomic import atomic_write
+from companion.audio.io import read_audio
+from companion.config import load_settings
+from companion.errors import CompanionError, UsageError
+
+HELP = "embed or detect companion's audio watermark in an audio file"
+DESCRIPTION = (
+    "Embed companion's imperceptible watermark into an audio file, or check a file for it. "
+    "detect exits 0 when the mark is found, 1 when it is not."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    sub = parser.add_subparsers(dest="action", metavar="ACTION")
+    embed = sub.add_parser("embed", help="write a watermarked copy of IN to OUT (format from OUT's extension)")
+    embed.add_argument("input", metavar="IN", type=Path)
+    embed.add_argument("output", metavar="OUT", type=Path)
+    detect = sub.add_parser("detect", help="say whether FILE carries the watermark (exit 0 yes, 1 no)")
+    detect.add_argument("file", metavar="FILE", type=Path)
+    for p in (embed, detect):
+        p.add_argument("--key", help="watermark key (default: watermark.key from the config)")
 
 
 def run(args: argparse.Namespace) -> int:
-    raise CompanionError("`companion watermark` is not implemented yet (issue 2)")
+    if getattr(args, "action", None) is None:
+        raise UsageError("missing action: use `companion watermark embed IN OUT` or `companion watermark detect FILE`")
+    key = args.key if args.key is not None else load_settings().watermark.key
+    if not key:
+        raise UsageError("the watermark key is empty: pass --key or set watermark.key in the config")
+    if args.action == "embed":
+        return _embed(args.input, args.output, key)
+    return _detect(args.file, key)
+
+
+def _embed(src: Path, dst: Path, key: str) -> int:
+    fmt = _output_format(dst)
+    audio, rate, subtype = _read(src)
+    marked = watermark.embed(audio, rate, key)
+    if not sf.check_format(fmt, subtype):
+        subtype = sf.default_subtype(fmt)
+    atomic_write(dst, lambda tmp: sf.write(tmp, marked, rate, format=fmt, subtype=subtype))
+    print(f"wrote {dst} ({marked.shape[0] / rate:.1f} s, {rate} Hz, watermarked)")
+    return 0
+
+
+def _detect(path: Path, key: str) -> int:
+    audio, rate, _ = _read(path)
+    result = watermark.detect(audio, rate, key)
+    if result.seconds < watermark.MIN_SECONDS:
+        raise CompanionError(
+            f"{path}: {result.seconds:.1f} s is too short to judge: the detector needs at least "
+            f"{watermark.MIN_SECONDS:.0f} s of audio (3 s or more is reliable)"
+        )
+    verdict = "watermark found" if result.detected else "no watermark"
+    print(f"{path}: {verdict} (score {result.score:.1f}, threshold {result.threshold:.1f})")
+    return 0 if result.detected else 1
+
+
+def _read(path: Path) -> tuple[np.ndarray, int, str]:
+    """(samples (n, channels) float32, sample rate, libsndfile subtype) or a one-line error."""
+    audio, rate = read_audio(path)
+    return audio, rate, sf.info(str(path)).subtype
+
+
+def _output_format(path: Path) -> str:
+    fmt = path.suffix.lstrip(".").upper()
+    if fmt == "OGA":
+        fmt = "OGG"
+    if fmt not in sf.available_formats():
+        raise UsageError(f"{path}: unknown audio extension {path.suffix!r}: use .wav, .flac, .ogg or .mp3")
+    return fmt

@@ -1,0 +1,161 @@
+"""``Engine``: the one object the rest of companion talks to (see docs/architecture.md)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from companion.engine.errors import ContextTooLong
+from companion.engine.frames import FrameLoop
+from companion.engine.loading import load_csm, resolve_model_dir, select_device, select_dtype
+from companion.engine.mimi_stream import MimiStreamDecoder
+from companion.engine.prompt import PromptBuilder
+from companion.engine.sampling import Sampler
+from companion.engine.types import AudioChunk, EngineStats, GenerationOptions, Segment
+
+SAMPLES_PER_FRAME = 1920
+# Frames per yielded chunk: the first chunk comes quickly, later ones are larger (less decode overhead).
+CHUNK_SCHEDULE = (2, 4, 8)
+CHUNK_FRAMES_LATER = 10
+
+
+def chunk_sizes() -> Iterator[int]:
+    """2, 4, 8, then 10 frames per chunk forever."""
+    yield from CHUNK_SCHEDULE
+    while True:
+        yield CHUNK_FRAMES_LATER
+
+
+class Engine:
+    """CSM-1B generation: prompt positions, streaming audio, prefix reuse. Not thread-safe: one
+    conversation drives one engine."""
+
+    sample_rate: int = 24000
+    frame_rate: float = 12.5
+
+    def __init__(self, model: Any, processor: Any, model_key: str, max_seq_len: int = 4096) -> None:
+        self.model = model
+        self.processor = processor
+        self.model_key = model_key
+        self.max_seq_len = max_seq_len
+        self.num_codebooks: int = model.config.num_codebooks
+        self.device = model.lm_head.weight.device
+        self.dtype = model.lm_head.weight.dtype
+        self.prompt = PromptBuilder(processor.tokenizer, self.num_codebooks)
+        self.loop = FrameLoop(model, max_seq_len)
+        self.mimi = MimiStreamDecoder(model.codec_model)
+        self.last_stats = EngineStats()
+
+    @classmethod
+    def load(
+        cls,
+        model: str,
+        *,
+        revision: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_seq_len: int = 4096,
+    ) -> Engine:
+        """Load from a hub id (downloaded into the HF cache when needed) or a local directory."""
+        dev = select_device(device)
+        path, key = resolve_model_dir(model, revision)
+        csm, processor = load_csm(Path(path), dev, select_dtype(dtype, dev))
+        return cls(csm, processor, key, max_seq_len=max_seq_len)
+
+    # ---- audio <-> codes ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, audio: np.ndarray) -> torch.Tensor:
+        """`(n,)` float32 24 kHz mono -> `(K, T)` int64 codes on CPU (T as the processor counts frames)."""
+        codec = self.model.codec_model
+        x = torch.as_tensor(np.asarray(audio, dtype=np.float32), device=self.device)[None, None]
+        codes = codec.encode(x.to(codec.dtype)).audio_codes[0]  # (K, T')
+        frames = int(codec.get_encoded_length(torch.tensor(x.shape[-1])))
+        return codes[:, :frames].to("cpu", torch.long)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> np.ndarray:
+        """`(K, T)` codes -> `(T * 1920,)` float32 audio (whole-segment Mimi decode)."""
+        if codes.shape[-1] == 0:
+            return np.zeros(0, dtype=np.float32)
+        audio = self.model.codec_model.decode(codes.to(self.device)[None]).audio_values[0, 0]
+        return np.clip(audio.float().cpu().numpy(), -1.0, 1.0)
+
+    # ---- positions ------------------------------------------------------------------------------
+
+    def text_positions(self, speaker: int, text: str) -> int:
+        """Positions ``[speaker]text`` takes (with its begin and end tokens)."""
+        return self.prompt.text_positions(speaker, text)
+
+    def segment_positions(self, seg: Segment) -> int:
+        """Text positions + audio frames + 1 end frame (when the segment has codes)."""
+        return self.prompt.segment_positions(seg)
+
+    # ---- generation -----------------------------------------------------------------------------
+
+    def stream(
+        self,
+        context: list[Segment],
+        speaker: int,
+        text: str,
+        options: GenerationOptions,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[AudioChunk]:
+        """Speak ``text`` as ``speaker`` after ``context``; yield audio chunks while generating.
+
+        Raises ContextTooLong before any work when the prompt and ``options.max_frames`` do not fit.
+        """
+        rows = self.prompt.prompt_rows(context, speaker, text)
+        needed = len(rows) + options.max_frames
+        if needed > self.max_seq_len:
+            raise ContextTooLong(needed, self.max_seq_len, len(rows), options.max_frames)
+        return self._generate(rows, options, cancel)
+
+    def _generate(
+        self, rows: torch.Tensor, options: GenerationOptions, cancel: threading.Event | None
+    ) -> Iterator[AudioChunk]:
+        stats = self.last_stats = EngineStats(prompt_positions=len(rows))
+        start = time.perf_counter()
+        # Step 1: prefill what the cache does not hold yet.
+        hidden, stats.prefill_positions = self.loop.prefill(rows)
+        self._sync()
+        stats.prefill_ms = (time.perf_counter() - start) * 1000
+        # Step 2: generate frames, decoding them in growing chunks.
+        sampler = Sampler(options.temperature, options.topk, options.seed, self.device)
+        self.mimi.reset()
+        sizes, pending, gen_s = chunk_sizes(), [], 0.0
+        want = next(sizes)
+        frames = self.loop.frames(hidden, sampler, options.max_frames, cancel)
+        while True:
+            t = time.perf_counter()
+            frame = next(frames, None)
+            gen_s += time.perf_counter() - t
+            if frame is not None:
+                pending.append(frame)
+                stats.frames += 1
+            if pending and (frame is None or len(pending) >= want):
+                yield self._chunk(torch.stack(pending, dim=1), stats, start)
+                pending, want = [], next(sizes)
+            if frame is None:
+                break
+        stats.ms_per_frame = gen_s * 1000 / max(stats.frames, 1)
+
+    def _chunk(self, codes: torch.Tensor, stats: EngineStats, start: float) -> AudioChunk:
+        """Decode `(K, f)` new frames with the streaming Mimi decoder."""
+        t = time.perf_counter()
+        with torch.no_grad():
+            audio = np.clip(self.mimi.decode(codes), -1.0, 1.0).astype(np.float32, copy=False)
+        stats.decode_ms += (time.perf_counter() - t) * 1000
+        if stats.first_audio_ms is None:
+            stats.first_audio_ms = (time.perf_counter() - start) * 1000
+        return AudioChunk(audio=audio, codes=codes.cpu())
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

@@ -1,0 +1,22 @@
+"""Engine failures the user can act on (each a one-line CompanionError)."""
+
+from __future__ import annotations
+
+from companion.errors import CompanionError
+
+
+class ContextTooLong(CompanionError):
+    """The prompt plus the frames to generate do not fit the context budget."""
+
+    def __init__(self, needed: int, available: int, prompt: int, max_frames: int) -> None:
+        super().__init__(
+            f"the prompt does not fit the context: it needs {needed} positions ({prompt} for the prompt + "
+            f"{max_frames} for the reply) but only {available} are available; use a shorter reference clip, "
+            "type $CLEAR$ to drop the conversation so far, or raise context.max_seq_len in config.yaml"
+        )
+        self.needed = needed
+        self.available = available
+
+
+class ModelLoadError(CompanionError):
+    """The model could not be found, downloaded or loaded."""

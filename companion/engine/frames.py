@@ -1,0 +1,132 @@
+"""The frame loop: prefill the prompt, then one Mimi frame per step (backbone + depth decoder).
+
+One frame: the backbone's last normed hidden state gives codebook 0 (``lm_head``); the depth decoder
+starts with ONE call over two positions ``[backbone hidden, embed(c0)]`` and then predicts codebooks
+2..K-1 one position at a time, each with its own head; the frame's K codebook embeddings are summed
+and fed back to the backbone at the next position. Both transformers keep static KV caches.
+
+The loop also remembers which rows (see ``prompt.py``) its backbone cache holds, so the next prompt
+only prefills what differs (prefix reuse).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from companion.engine.prompt import NO_TOKEN, common_prefix, frame_rows
+from companion.engine.sampling import Sampler
+from companion.engine.stack import DecoderStack
+
+
+class FrameLoop:
+    """Owns the backbone and depth-decoder caches of one model and generates frames."""
+
+    def __init__(self, model: Any, max_seq_len: int) -> None:
+        cfg = model.config
+        self.num_codebooks = cfg.num_codebooks
+        self.vocab = cfg.vocab_size
+        self.max_seq_len = max_seq_len
+        backbone, depth = model.backbone_model, model.depth_decoder.model
+        # Step 1: the two transformers with static caches (the depth decoder needs K + 1 positions).
+        self.backbone = DecoderStack(backbone.layers, backbone.norm, backbone.rotary_emb, cfg, max_seq_len)
+        dcfg = model.depth_decoder.config
+        self.depth = DecoderStack(depth.layers, depth.norm, depth.rotary_emb, dcfg, self.num_codebooks + 1)
+        # Step 2: embeddings and heads.
+        self.text_embed = model.embed_text_tokens.weight.detach()  # (text vocab, H)
+        self.audio_embed = backbone.embed_tokens.embed_audio_tokens.weight.detach()  # (K * V, H)
+        self.audio_offsets = backbone.embed_tokens.audio_tokens_offsets.detach()  # (K,)
+        self.depth_embed = depth.embed_tokens.weight.detach()  # (K * V, H), tied to audio_embed
+        self.projector = depth.inputs_embeds_projector.weight.detach()  # (Hd, H)
+        self.lm_head = model.lm_head.weight.detach()  # (V, H)
+        self.heads = model.depth_decoder.codebooks_head.weight.detach()  # (K - 1, Hd, V)
+        self.device = self.lm_head.device
+        # Step 3: what the backbone cache holds: `(length, K + 1)` rows.
+        self.rows = torch.empty(0, self.num_codebooks + 1, dtype=torch.long)
+
+    # ---- prompt ---------------------------------------------------------------------------------
+
+    def reusable_prefix(self, rows: torch.Tensor) -> int:
+        """How many leading positions of ``rows`` the cache already holds (at most all but the last,
+        whose hidden state is needed to start generating)."""
+        return min(common_prefix(self.rows, rows), len(rows) - 1)
+
+    @torch.no_grad()
+    def prefill(self, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Prefill `(P, K + 1)` prompt rows after the reusable prefix.
+
+        Returns the last position's normed hidden state `(1, 1, H)` and the number of positions prefilled.
+        """
+        start = self.reusable_prefix(rows)
+        x = self.embed_rows(rows[start:].to(self.device))
+        hidden = self.backbone.forward(x, start)
+        self.rows = rows.clone()
+        return hidden[:, -1:], len(rows) - start
+
+    def embed_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """`(n, K + 1)` rows -> `(1, n, H)` input embeddings (text: the text table; audio: summed codebooks)."""
+        is_text = rows[:, 0] != NO_TOKEN
+        out = torch.empty(len(rows), self.text_embed.shape[1], dtype=self.text_embed.dtype, device=self.device)
+        if is_text.any():
+            out[is_text] = F.embedding(rows[is_text, 0], self.text_embed)
+        if (~is_text).any():
+            out[~is_text] = self._embed_frames(rows[~is_text, 1:])[0]
+        return out[None]
+
+    def _embed_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """`(n, K)` codes -> `(1, n, H)`: each codebook's embedding, summed in one call as the model does."""
+        return F.embedding(frames[None] + self.audio_offsets, self.audio_embed).sum(dim=2)
+
+    # ---- generation -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def frames(
+        self,
+        hidden: torch.Tensor,
+        sampler: Sampler,
+        max_frames: int,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield frames `(K,)` int64 (on the model's device) until the all-zero end frame (not yielded),
+        ``max_frames`` or ``cancel``. ``hidden`` is the `(1, 1, H)` state after the prompt."""
+        for count in range(max_frames):
+            if cancel is not None and cancel.is_set():
+                return
+            # Step 1: backbone head -> codebook 0; depth decoder -> codebooks 1..K-1.
+            frame = self.depth_frame(hidden, sampler)
+            # Step 2: the end frame stops the segment (it is never fed back).
+            if not bool(frame.any()):
+                return
+            yield frame
+            # Step 3: feed the frame back, unless the cap is reached.
+            if count + 1 < max_frames:
+                hidden = self.feed(frame)
+
+    def depth_frame(self, hidden: torch.Tensor, sampler: Sampler) -> torch.Tensor:
+        """`(1, 1, H)` backbone hidden state -> one frame `(K,)` int64."""
+        codes = torch.empty(self.num_codebooks, dtype=torch.long, device=self.device)
+        c0 = sampler(F.linear(hidden[:, -1], self.lm_head))  # (1,)
+        codes[0] = c0[0]
+        # First depth step: ONE call over [backbone hidden, embed(c0)], projected to the depth width.
+        x = torch.cat([hidden, F.embedding(c0[None], self.depth_embed)], dim=1)  # (1, 2, H)
+        h = self.depth.forward(F.linear(x, self.projector), 0)
+        for i in range(1, self.num_codebooks):
+            # Codebook i comes from position i with head i - 1.
+            ci = sampler(F.linear(h[:, -1], self.heads[i - 1].T))
+            codes[i] = ci[0]
+            if i + 1 < self.num_codebooks:
+                # Feed codebook i (its own slice of the embedding table) at position i + 1.
+                e = F.embedding(ci[None] + i * self.vocab, self.depth_embed)
+                h = self.depth.forward(F.linear(e, self.projector), i + 1)
+        return codes
+
+    def feed(self, frame: torch.Tensor) -> torch.Tensor:
+        """Feed one generated frame `(K,)` at the next backbone position; return its hidden `(1, 1, H)`."""
+        pos = len(self.rows)
+        hidden = self.backbone.forward(self._embed_frames(frame[None]), pos)
+        self.rows = torch.cat([self.rows, frame_rows(frame[None].cpu())])
+        return hidden

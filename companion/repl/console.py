@@ -1,0 +1,80 @@
+"""rich output: status lines, errors, tables, and how a finished turn is reported."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from companion.repl.turns import TurnEvent
+
+
+def make_console(*, interactive: bool) -> Console:
+    """A console that writes to the current sys.stdout (patch_stdout replaces it in the REPL)."""
+    if interactive:
+        width = shutil.get_terminal_size((100, 24)).columns
+        return Console(force_terminal=True, width=width, highlight=False, soft_wrap=False)
+    return Console(highlight=False, soft_wrap=True, width=max(80, shutil.get_terminal_size((100, 24)).columns))
+
+
+def error_console() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class RichPrinter:
+    """The Printer the slash-commands and the worker use. Text is never parsed as markup."""
+
+    def __init__(self, console: Console, errors: Console | None = None) -> None:
+        self.console = console
+        self.errors = errors or console
+
+    def info(self, text: str) -> None:
+        self.console.print(Text(text, style="cyan"))
+
+    def success(self, text: str) -> None:
+        self.console.print(Text("✓ ", style="green") + Text(text))
+
+    def warn(self, text: str) -> None:
+        self.errors.print(Text("warning: ", style="bold yellow") + Text(text))
+
+    def error(self, text: str) -> None:
+        self.errors.print(Text("error: ", style="bold red") + Text(text))
+
+    def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+        table = Table(title=title, title_justify="left", show_header=any(columns), header_style="bold")
+        for column in columns:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*(Text(cell) for cell in row))
+        self.console.print(table)
+
+    def event(self, event: TurnEvent) -> None:
+        """One line per finished, cancelled or failed turn."""
+        if event.kind == "error":
+            self.error(event.message)
+        elif event.kind == "cancelled":
+            self.console.print(Text(f"⏹ cancelled (stopped in {event.elapsed_s * 1000:.0f} ms)", style="yellow"))
+        elif event.kind == "done":
+            self.console.print(Text(_done_line(event), style="dim"))
+
+    def flush(self) -> None:
+        self.console.file.flush()
+        sys.stderr.flush()
+
+
+def _done_line(event: TurnEvent) -> str:
+    s = event.stats
+    parts = [f"♪ {s.audio_s:.1f} s"]
+    if s.first_chunk_s is not None:
+        parts.append(f"first audio {s.first_chunk_s * 1000:.0f} ms")
+    if s.rtf is not None:
+        parts.append(f"RTF {s.rtf:.2f}")
+    if s.underruns:
+        parts.append(f"{s.underruns} underruns")
+    if s.path:
+        parts.append(f"saved {s.path}")
+    return " · ".join(parts)

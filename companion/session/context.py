@@ -1,0 +1,182 @@
+"""The conversation memory: pinned voice references, the turns since, and the exact position budget.
+
+A prompt is ``[reference of each voice ...] + [turns, oldest first] + the text to speak``. Its cost is
+counted in model positions with the engine's own tokenizer and frame counts (``segment_positions``):
+
+    budget = max_seq_len - reserve (frames the next segment may generate) - positions of the new text
+
+Before a segment, the oldest turns are dropped until references + turns <= budget. References are
+never dropped: a reference that cannot fit is refused when its voice is added.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from companion.engine import Segment
+from companion.errors import CompanionError
+
+# Positions kept free for the text of a reply when a reference is checked at load time (a sentence
+# or two with the Llama-3 tokenizer). The exact text is counted again before every segment.
+MIN_TEXT_POSITIONS = 48
+
+
+@dataclass
+class Voice:
+    """A voice in the session; ``codes`` is its pinned reference, None until it has one."""
+
+    name: str
+    speaker: int
+    transcript: str | None
+    codes: torch.Tensor | None  # (K, T) int64
+    generation: dict[str, Any] = field(default_factory=dict)  # per-voice temperature/topk/seed
+    profile: Any = None  # the VoiceProfile it came from (to save a bootstrapped reference)
+    positions: int = 0  # positions of its reference segment (0 without one)
+
+    def segment(self) -> Segment | None:
+        if self.codes is None or self.transcript is None:
+            return None
+        return Segment(self.speaker, self.transcript, self.codes)
+
+
+@dataclass
+class Turn:
+    """One spoken segment kept in the context."""
+
+    seq: int  # its number in the session's history
+    voice: str
+    speaker: int
+    text: str
+    codes: torch.Tensor  # (K, T) int64
+    positions: int
+
+    def segment(self) -> Segment:
+        return Segment(self.speaker, self.text, self.codes)
+
+
+@dataclass(frozen=True)
+class ContextRow:
+    """One line of the context report."""
+
+    what: str
+    positions: int
+    pinned: bool
+
+
+class Context:
+    """Voices (with their pinned references) and turns, measured in positions."""
+
+    def __init__(self, max_seq_len: int, positions: Callable[[Segment], int], frame_rate: float = 12.5) -> None:
+        self.max_seq_len = max_seq_len
+        self.positions = positions
+        self.frame_rate = frame_rate
+        self.voices: dict[str, Voice] = {}
+        self.turns: deque[Turn] = deque()
+
+    # ---- voices ---------------------------------------------------------------------------------
+
+    def pin(self, voice: Voice, reserve: int) -> None:
+        """Add or replace ``voice``; refuse a reference that cannot fit beside the others."""
+        seg = voice.segment()
+        voice.positions = self.positions(seg) if seg is not None else 0
+        others = sum(v.positions for n, v in self.voices.items() if n != voice.name)
+        room = self.max_seq_len - reserve - MIN_TEXT_POSITIONS - others
+        if voice.positions > room:
+            raise CompanionError(self._refusal(voice, room))
+        self.voices[voice.name] = voice
+
+    def _refusal(self, voice: Voice, room: int) -> str:
+        assert voice.codes is not None
+        frames = int(voice.codes.shape[-1])
+        duration = frames / self.frame_rate
+        # A shorter clip of the same speech costs its frames plus proportionally fewer text tokens.
+        per_second = self.frame_rate + (voice.positions - frames - 1) / max(duration, 1e-6)
+        fit_s = max(0.0, (room - 1) / per_second)
+        return (
+            f"voice '{voice.name}': its reference ({duration:.1f} s, {voice.positions} positions) "
+            f"does not fit the context ({self.max_seq_len} positions, {room} left after the reply's frames and the other "
+            f"voices): use a reference of at most {fit_s:.1f} s, or raise context.max_seq_len in config.yaml"
+        )
+
+    def references(self) -> list[Segment]:
+        return [seg for v in self.voices.values() if (seg := v.segment()) is not None]
+
+    def reference_positions(self) -> int:
+        return sum(v.positions for v in self.voices.values())
+
+    # ---- turns ----------------------------------------------------------------------------------
+
+    def append(self, turn: Turn) -> None:
+        self.turns.append(turn)
+
+    def clear(self) -> None:
+        """Forget the conversation; the voices and their references stay."""
+        self.turns.clear()
+
+    def used(self) -> int:
+        """Positions of references + turns (what the next prompt holds before its text)."""
+        return self.reference_positions() + sum(t.positions for t in self.turns)
+
+    def budget(self, reserve: int, text_positions: int) -> int:
+        return self.max_seq_len - reserve - text_positions
+
+    def fit(self, reserve: int, text_positions: int) -> list[Turn]:
+        """Drop the oldest turns until the prompt fits; returns the dropped turns.
+
+        Raises CompanionError when the references and the text alone do not fit (the caller splits the text).
+        """
+        budget = self.budget(reserve, text_positions)
+        if self.reference_positions() > budget:
+            raise TextTooLong(self.reference_positions() + text_positions + reserve, self.max_seq_len)
+        dropped = []
+        used = self.used()
+        while used > budget:
+            turn = self.turns.popleft()
+            used -= turn.positions
+            dropped.append(turn)
+        return dropped
+
+    def segments(self) -> list[Segment]:
+        """The prompt's context: references, then turns."""
+        return self.references() + [t.segment() for t in self.turns]
+
+    def first_seq(self) -> int | None:
+        return self.turns[0].seq if self.turns else None
+
+    def report(self, reserve: int) -> list[ContextRow]:
+        """What is in memory and its cost, in prompt order, then the frames reserved for the reply."""
+        rows = [
+            ContextRow(f"reference {v.name} ({_seconds(v.codes, self.frame_rate)})", v.positions, True)
+            for v in self.voices.values() if v.positions
+        ]
+        rows += [
+            ContextRow(f"turn {t.seq} {t.voice}: {_short(t.text)} ({_seconds(t.codes, self.frame_rate)})", t.positions, False)
+            for t in self.turns
+        ]
+        rows.append(ContextRow("reserved for the next reply", reserve, False))
+        return rows
+
+
+class TextTooLong(CompanionError):
+    """The references plus this text leave no room: the caller splits the text and tries again."""
+
+    def __init__(self, needed: int, available: int) -> None:
+        super().__init__(
+            f"the text does not fit the context even with the conversation dropped ({needed} positions needed, "
+            f"{available} available): say it in shorter pieces or raise context.max_seq_len in config.yaml"
+        )
+        self.needed = needed
+        self.available = available
+
+
+def _seconds(codes: torch.Tensor | None, frame_rate: float) -> str:
+    return f"{(0 if codes is None else codes.shape[-1]) / frame_rate:.1f} s"
+
+
+def _short(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else text[: width - 1] + "\u2026"

@@ -1,0 +1,57 @@
+"""What a typed line asks for: ``$CLEAR$``, ``name: text`` for a voice, ``a || b`` for alternating voices.
+
+``parse_line`` turns one line into parts; each part is spoken by one voice (``None``: the part's voice
+is chosen by alternation). A ``name:`` prefix only counts when ``name`` is a voice the caller knows,
+so "Note: buy milk" stays text.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection
+from dataclasses import dataclass
+
+CLEAR = "$CLEAR$"
+ALTERNATE = "||"
+_NAMED = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9_-]{0,63})\s*:\s*(.*)$", re.S)
+
+
+@dataclass(frozen=True)
+class Part:
+    voice: str | None  # a named voice, or None for "the next voice in the alternation"
+    text: str
+
+
+def is_clear(line: str) -> bool:
+    return line.strip() == CLEAR
+
+
+def split_name(text: str, known: Collection[str]) -> Part:
+    """``"guest: hi"`` -> Part("guest", "hi") when guest is known; otherwise Part(None, text)."""
+    m = _NAMED.match(text)
+    if m and m.group(1) in known:
+        return Part(m.group(1), m.group(2).strip())
+    return Part(None, text.strip())
+
+
+def parse_line(line: str, known: Collection[str]) -> list[Part]:
+    """The parts of ``line`` in order (empty ones dropped). ``$CLEAR$`` is handled by the caller."""
+    parts = [split_name(piece, known) for piece in line.split(ALTERNATE)]
+    return [p for p in parts if p.text]
+
+
+def assign_voices(parts: list[Part], order: list[str], active: str) -> list[Part]:
+    """Give every unnamed part a voice: a single part gets ``active``; ``a || b`` parts alternate
+    through ``order`` (the session's voices) starting at ``active``."""
+    if len(parts) <= 1:
+        return [Part(p.voice or active, p.text) for p in parts]
+    start = order.index(active) if active in order else 0
+    out = []
+    for i, p in enumerate(parts):
+        out.append(Part(p.voice or (order[(start + i) % len(order)] if order else active), p.text))
+    return out
+
+
+def read_script(text: str) -> list[str]:
+    """The utterance lines of a batch script: blank lines and ``#`` comments dropped."""
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]

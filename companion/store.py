@@ -1,0 +1,300 @@
+"""Conversation history in SQLite (``paths.history_db``): sessions, their pinned voices, their turns.
+
+The schema is versioned with ``PRAGMA user_version``; ``MIGRATIONS[i]`` takes a database from version
+``i`` to ``i + 1`` and they run in order, each in its own transaction. The database is in WAL mode
+with ``synchronous=FULL``: each completed turn is one transaction, so a crash (even ``kill -9`` in the
+middle of a turn) leaves every earlier turn intact and nothing of the unfinished one.
+
+Codes are stored as raw little-endian int16 bytes of the ``(K, T)`` tensor, row-major, with ``K`` and
+``T`` in their own columns (Mimi codes are below 2048). No pickle.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from companion.errors import CompanionError
+from companion.paths import get_paths
+
+MIGRATIONS: list[str] = [
+    # 0 -> 1: sessions, the voices pinned in each session, and the turns spoken
+    """
+    CREATE TABLE sessions (
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
+        created_at    TEXT NOT NULL,
+        updated_at    TEXT NOT NULL,
+        model_key     TEXT NOT NULL,
+        max_seq_len   INTEGER NOT NULL,
+        context_start INTEGER NOT NULL DEFAULT 1,  -- first turn seq still in the context (pruned/cleared before)
+        voice         TEXT                          -- the active voice
+    );
+    CREATE TABLE voices (
+        session_id  INTEGER NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+        position    INTEGER NOT NULL,   -- order of the pinned references in the prompt
+        name        TEXT NOT NULL,
+        speaker     INTEGER NOT NULL,
+        transcript  TEXT,
+        codes       BLOB,               -- int16 (K, T), NULL for a voice without a reference yet
+        codes_k     INTEGER,
+        codes_t     INTEGER,
+        PRIMARY KEY (session_id, name)
+    );
+    CREATE TABLE turns (
+        id             INTEGER PRIMARY KEY AUTOINCREMENT,
+        session_id     INTEGER NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+        seq            INTEGER NOT NULL,  -- 1, 2, ... within the session
+        kind           TEXT NOT NULL DEFAULT 'turn',  -- or 'reference': a voice's first reply, pinned as its reference
+        created_at     TEXT NOT NULL,
+        voice          TEXT NOT NULL,
+        speaker        INTEGER NOT NULL,
+        text           TEXT NOT NULL,
+        codes          BLOB NOT NULL,     -- int16 (K, T)
+        codes_k        INTEGER NOT NULL,
+        codes_t        INTEGER NOT NULL,
+        audio_path     TEXT,
+        first_audio_ms REAL,
+        rtf            REAL,
+        UNIQUE (session_id, seq)
+    );
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def codes_to_blob(codes: torch.Tensor) -> tuple[bytes, int, int]:
+    """``(K, T)`` integer codes -> (int16 little-endian bytes, K, T)."""
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be (K, T), got {tuple(codes.shape)}")
+    array = codes.detach().to("cpu", torch.int64).numpy()
+    if array.size and (array.min() < 0 or array.max() > np.iinfo(np.int16).max):
+        raise ValueError("codes out of int16 range")
+    k, t = array.shape
+    return array.astype("<i2").tobytes(), int(k), int(t)
+
+
+def blob_to_codes(blob: bytes, k: int, t: int) -> torch.Tensor:
+    """The inverse of ``codes_to_blob``: ``(K, T)`` int64."""
+    if len(blob) != 2 * k * t:
+        raise CompanionError(f"history database: stored codes have {len(blob)} bytes, expected {2 * k * t}: the file is damaged")
+    return torch.from_numpy(np.frombuffer(blob, dtype="<i2").astype(np.int64).reshape(k, t).copy())
+
+
+@dataclass
+class VoiceRecord:
+    name: str
+    speaker: int
+    transcript: str | None
+    codes: torch.Tensor | None  # (K, T) int64
+
+
+@dataclass
+class TurnRecord:
+    voice: str
+    speaker: int
+    text: str
+    codes: torch.Tensor  # (K, T) int64
+    kind: str = "turn"  # "reference": pinned as the voice's reference, not replayed as a turn
+    seq: int = 0  # assigned by Store.add_turn
+    created_at: str = ""
+    audio_path: str | None = None
+    first_audio_ms: float | None = None
+    rtf: float | None = None
+
+
+@dataclass
+class SessionRecord:
+    id: int
+    created_at: str
+    updated_at: str
+    model_key: str
+    max_seq_len: int
+    context_start: int
+    voice: str | None
+    turn_count: int
+    first_text: str | None
+
+
+class Store:
+    """One connection to the history database. Thread-safe (one lock); use as a context manager."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = Path(path) if path is not None else get_paths().history_db
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = FULL")
+            self._migrate()
+        except sqlite3.DatabaseError as err:
+            raise CompanionError(
+                f"{self.path}: cannot open the history database ({err}): move the file away to start a new history"
+            ) from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on any exception)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        version = self.schema_version
+        if version > SCHEMA_VERSION:
+            raise CompanionError(
+                f"{self.path}: written by a newer companion (schema {version}, this one knows {SCHEMA_VERSION}): "
+                "upgrade companion, or move the file away to start a new history"
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            with self.transaction() as db:
+                for statement in _statements(MIGRATIONS[target - 1]):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {target}")
+
+    # sessions -----------------------------------------------------------------------------------
+
+    def create_session(self, model_key: str, max_seq_len: int, voices: list[VoiceRecord], voice: str | None) -> int:
+        with self.transaction() as db:
+            stamp = now()
+            cur = db.execute(
+                "INSERT INTO sessions (created_at, updated_at, model_key, max_seq_len, voice) VALUES (?, ?, ?, ?, ?)",
+                (stamp, stamp, model_key, max_seq_len, voice),
+            )
+            session_id = int(cur.lastrowid or 0)
+            for v in voices:
+                self._put_voice(db, session_id, v)
+        return session_id
+
+    def put_voice(self, session_id: int, voice: VoiceRecord) -> None:
+        """Add a voice to the session, or replace its reference (a bootstrapped reference, say)."""
+        with self.transaction() as db:
+            self._put_voice(db, session_id, voice)
+
+    def _put_voice(self, db: sqlite3.Connection, session_id: int, v: VoiceRecord) -> None:
+        blob, k, t = codes_to_blob(v.codes) if v.codes is not None else (None, None, None)
+        row = db.execute("SELECT position FROM voices WHERE session_id = ? AND name = ?", (session_id, v.name)).fetchone()
+        if row is None:
+            count = db.execute("SELECT COUNT(*) FROM voices WHERE session_id = ?", (session_id,)).fetchone()[0]
+            position = int(count)
+        else:
+            position = int(row[0])
+        db.execute(
+            "INSERT OR REPLACE INTO voices (session_id, position, name, speaker, transcript, codes, codes_k, codes_t) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (session_id, position, v.name, v.speaker, v.transcript, blob, k, t),
+        )
+
+    def set_state(self, session_id: int, *, context_start: int | None = None, voice: str | None = None) -> None:
+        """Record a ``$CLEAR$`` (``context_start`` = the next turn) or a change of the active voice."""
+        with self.transaction() as db:
+            if context_start is not None:
+                db.execute("UPDATE sessions SET context_start = ?, updated_at = ? WHERE id = ?", (context_start, now(), session_id))
+            if voice is not None:
+                db.execute("UPDATE sessions SET voice = ?, updated_at = ? WHERE id = ?", (voice, now(), session_id))
+
+    def add_turn(self, session_id: int, turn: TurnRecord, context_start: int | None,
+                 voice: VoiceRecord | None = None) -> int:
+        """Store one completed turn and where the context now starts (None: at this turn), in one
+        transaction, with the reference of ``voice`` when this turn became it; returns the turn's seq."""
+        blob, k, t = codes_to_blob(turn.codes)
+        with self.transaction() as db:
+            seq = int(db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM turns WHERE session_id = ?", (session_id,)).fetchone()[0])
+            stamp = now()
+            db.execute(
+                "INSERT INTO turns (session_id, seq, kind, created_at, voice, speaker, text, codes, codes_k, codes_t, "
+                "audio_path, first_audio_ms, rtf) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (session_id, seq, turn.kind, stamp, turn.voice, turn.speaker, turn.text, blob, k, t, turn.audio_path,
+                 turn.first_audio_ms, turn.rtf),
+            )
+            db.execute(
+                "UPDATE sessions SET updated_at = ?, context_start = ? WHERE id = ?",
+                (stamp, seq if context_start is None else context_start, session_id),
+            )
+            if voice is not None:
+                self._put_voice(db, session_id, voice)
+        turn.seq, turn.created_at = seq, stamp
+        return seq
+
+    def sessions(self, limit: int | None = None) -> list[SessionRecord]:
+        """Sessions, newest first."""
+        sql = (
+            "SELECT s.id, s.created_at, s.updated_at, s.model_key, s.max_seq_len, s.context_start, s.voice, "
+            "(SELECT COUNT(*) FROM turns t WHERE t.session_id = s.id), "
+            "(SELECT text FROM turns t WHERE t.session_id = s.id ORDER BY seq LIMIT 1) "
+            "FROM sessions s ORDER BY s.updated_at DESC, s.id DESC"
+        )
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        with self._lock:
+            rows = self._db.execute(sql).fetchall()
+        return [SessionRecord(*row) for row in rows]
+
+    def session(self, session_id: int) -> SessionRecord:
+        for record in self.sessions():
+            if record.id == session_id:
+                return record
+        raise CompanionError(f"no session {session_id} in the history: `companion history list` shows the ids")
+
+    def latest_session_id(self) -> int | None:
+        with self._lock:
+            row = self._db.execute("SELECT id FROM sessions ORDER BY updated_at DESC, id DESC LIMIT 1").fetchone()
+        return int(row[0]) if row else None
+
+    def voices(self, session_id: int) -> list[VoiceRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT name, speaker, transcript, codes, codes_k, codes_t FROM voices WHERE session_id = ? ORDER BY position",
+                (session_id,),
+            ).fetchall()
+        return [VoiceRecord(n, s, tr, blob_to_codes(b, k, t) if b is not None else None) for n, s, tr, b, k, t in rows]
+
+    def turns(self, session_id: int, from_seq: int = 1) -> list[TurnRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT voice, speaker, text, codes, codes_k, codes_t, kind, seq, created_at, audio_path, first_audio_ms, rtf "
+                "FROM turns WHERE session_id = ? AND seq >= ? ORDER BY seq",
+                (session_id, from_seq),
+            ).fetchall()
+        return [TurnRecord(v, s, tx, blob_to_codes(b, k, t), *rest) for v, s, tx, b, k, t, *rest in rows]
+
+    def integrity_check(self) -> str:
+        with self._lock:
+            return str(self._db.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of a migration script (split on ';', comments kept inside statements)."""
+    return [s.strip() for s in script.split(";") if s.strip()]
