@@ -65,7 +65,7 @@ def test_no_context(tiny_engine: Engine) -> None:
 def test_context_audio_from_two_speakers(tiny_engine: Engine, speech_24k) -> None:
     turns, context = two_speaker_prompt(tiny_engine, speech_24k)
     ref = reference_codes(tiny_engine, [*turns, (1, "Then let's go.", None)], GREEDY.max_frames)
-    tiny_engine.loop.rows = tiny_engine.loop.rows[:0]  # a cold cache: this test checks a full prefill
+    tiny_engine.loop.reset()  # a cold cache: this test checks a full prefill
     mine = engine_codes(tiny_engine, context, 1, "Then let's go.")
     assert tiny_engine.last_stats.prefill_positions == tiny_engine.last_stats.prompt_positions
     assert torch.equal(mine, ref)

@@ -28,17 +28,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     g.add_argument("--frames", type=int, default=16, metavar="N", help="frames per speed measurement (default 16)")
     g.add_argument("--repeats", type=int, default=3, metavar="N", help="runs per latency measurement (default 3)")
+    g.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--json", type=Path, metavar="FILE", help="also write the results to FILE as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
-    from companion.engine import bench
-    from companion.engine.loading import select_device, select_dtype
-
     if args.random_weights and args.model:
         raise UsageError("--model and --random-weights exclude each other: pick one")
     if args.frames < 2 or args.repeats < 1:
         raise UsageError("--frames must be at least 2 and --repeats at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError("--threads must be at least 1")
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(args.threads or threads)
+        results = _measure(args)
+    finally:
+        torch.set_num_threads(threads)
+    _print_table(results)
+    if args.json:
+        try:
+            args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        except OSError as err:
+            raise CompanionError(f"cannot write {args.json}: {err.strerror or err}: pick another --json path") from err
+    return 0
+
+
+def _measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Load the model (or build random weights) and run every measurement."""
+    from companion.engine import bench
+    from companion.engine.loading import select_device, select_dtype
+
     settings = settings_from_args(args)
     device = select_device(settings.model.device)
     dtype = select_dtype(settings.model.dtype, device)
@@ -53,14 +75,7 @@ def run(args: argparse.Namespace) -> int:
             engine = Engine.load(settings.model.id, revision=settings.model.revision, device=device.type,
                                  dtype=str(dtype).removeprefix("torch."))  # fmt: skip
             label = engine.model_key
-        results = bench.finite(bench.run_bench(engine, label, opts, _log))
-    _print_table(results)
-    if args.json:
-        try:
-            args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        except OSError as err:
-            raise CompanionError(f"cannot write {args.json}: {err.strerror or err}: pick another --json path") from err
-    return 0
+        return bench.finite(bench.run_bench(engine, label, opts, _log))
 
 
 def _log(message: str) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from companion.engine.prompt import NO_TOKEN, common_prefix, frame_rows
+from companion.engine.prompt import NO_TOKEN, common_prefix
 from companion.engine.sampling import Sampler
 from companion.engine.stack import DecoderStack
 
@@ -45,14 +45,24 @@ class FrameLoop:
         self.lm_head = model.lm_head.weight.detach()  # (V, H)
         self.heads = model.depth_decoder.codebooks_head.weight.detach()  # (K - 1, Hd, V)
         self.device = self.lm_head.device
-        # Step 3: what the backbone cache holds: `(length, K + 1)` rows.
-        self.rows = torch.empty(0, self.num_codebooks + 1, dtype=torch.long)
+        # Step 3: what the backbone cache holds: the first ``length`` of `(max_seq_len, K + 1)` rows.
+        self._rows = torch.full((max_seq_len, self.num_codebooks + 1), NO_TOKEN, dtype=torch.long, device=self.device)
+        self.length = 0
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """`(length, K + 1)` the rows whose keys and values the backbone cache holds."""
+        return self._rows[: self.length]
+
+    def reset(self) -> None:
+        """Forget the cached prefix (the next prefill starts from position 0)."""
+        self.length = 0
 
     # ---- prompt ---------------------------------------------------------------------------------
 
     def reusable_prefix(self, rows: torch.Tensor) -> int:
-        """How many leading positions of ``rows`` the cache already holds (at most all but the last,
-        whose hidden state is needed to start generating)."""
+        """How many leading positions of `(P, K + 1)` ``rows`` (on the model's device) the cache already
+        holds: at most P - 1, since the last position's hidden state is needed to start generating."""
         return min(common_prefix(self.rows, rows), len(rows) - 1)
 
     @torch.no_grad()
@@ -61,10 +71,11 @@ class FrameLoop:
 
         Returns the last position's normed hidden state `(1, 1, H)` and the number of positions prefilled.
         """
+        rows = rows.to(self.device)
         start = self.reusable_prefix(rows)
-        x = self.embed_rows(rows[start:].to(self.device))
-        hidden = self.backbone.forward(x, start)
-        self.rows = rows.clone()
+        hidden = self.backbone.forward(self.embed_rows(rows[start:]), start)
+        self._rows[start : len(rows)] = rows[start:]
+        self.length = len(rows)
         return hidden[:, -1:], len(rows) - start
 
     def embed_rows(self, rows: torch.Tensor) -> torch.Tensor:
@@ -96,15 +107,16 @@ class FrameLoop:
         for count in range(max_frames):
             if cancel is not None and cancel.is_set():
                 return
-            # Step 1: backbone head -> codebook 0; depth decoder -> codebooks 1..K-1.
-            frame = self.depth_frame(hidden, sampler)
-            # Step 2: the end frame stops the segment (it is never fed back).
-            if not bool(frame.any()):
-                return
+            with torch.no_grad():
+                # Step 1: backbone head -> codebook 0; depth decoder -> codebooks 1..K-1.
+                frame = self.depth_frame(hidden, sampler)
+                # Step 2: the end frame stops the segment (it is never fed back); the one sync per frame.
+                if not bool(frame.any()):
+                    return
+                # Step 3: feed the frame back, unless the cap is reached.
+                if count + 1 < max_frames:
+                    hidden = self.feed(frame)
             yield frame
-            # Step 3: feed the frame back, unless the cap is reached.
-            if count + 1 < max_frames:
-                hidden = self.feed(frame)
 
     def depth_frame(self, hidden: torch.Tensor, sampler: Sampler) -> torch.Tensor:
         """`(1, 1, H)` backbone hidden state -> one frame `(K,)` int64."""
@@ -126,7 +138,9 @@ class FrameLoop:
 
     def feed(self, frame: torch.Tensor) -> torch.Tensor:
         """Feed one generated frame `(K,)` at the next backbone position; return its hidden `(1, 1, H)`."""
-        pos = len(self.rows)
+        pos = self.length
         hidden = self.backbone.forward(self._embed_frames(frame[None]), pos)
-        self.rows = torch.cat([self.rows, frame_rows(frame[None].cpu())])
+        self._rows[pos, 1:] = frame
+        self._rows[pos, 0] = NO_TOKEN
+        self.length = pos + 1
         return hidden

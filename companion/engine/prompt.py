@@ -62,12 +62,6 @@ class PromptBuilder:
         return torch.cat(parts)
 
 
-def frame_rows(frames: torch.Tensor) -> torch.Tensor:
-    """`(n, K)` generated frames -> `(n, K + 1)` audio rows."""
-    pad = torch.full((frames.shape[0], 1), NO_TOKEN, dtype=torch.long, device=frames.device)
-    return torch.cat([pad, frames.to(torch.long)], dim=1)
-
-
 def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
     """Number of leading rows on which `(n, K + 1)` ``a`` and `(m, K + 1)` ``b`` agree."""
     n = min(len(a), len(b))

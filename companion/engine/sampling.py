@@ -23,9 +23,9 @@ class Sampler:
             self.generator.manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.greedy:  # argmax is the same on the float32 copy transformers makes: skip the copy
+            return logits.argmax(dim=-1)
         scores = logits.to(torch.float32)
-        if self.greedy:
-            return scores.argmax(dim=-1)
         # Step 1: temperature, then keep the k best (the rest get -inf).
         scores = scores / self.temperature
         k = min(self.topk, scores.shape[-1])

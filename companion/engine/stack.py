@@ -4,6 +4,11 @@ The arithmetic follows transformers' CSM modules operation for operation so the 
 bit-identical (see docs/engine.md): the model's own RMSNorm formula, ``x + f(x)`` residuals, RoPE
 tables from the model's own rotary embedding, and attention over the live prefix of the cache only
 (keys and values sliced to the current length, no mask for one query).
+
+Two fusions cut the number of kernel launches per layer without changing a single bit: q/k/v are one
+matrix product and gate/up are one (each output element is the same dot product either way; the
+exactness tests check it). The fused matrices are built once and the model's own ``q_proj``/``k_proj``/
+``v_proj``/``gate_proj``/``up_proj`` weights are re-pointed to row views of them, so no weight is held twice.
 """
 
 from __future__ import annotations
@@ -17,16 +22,13 @@ import torch.nn.functional as F
 
 @dataclass
 class LayerWeights:
-    """The tensors of one ``CsmDecoderLayer``."""
+    """The tensors of one ``CsmDecoderLayer`` (q/k/v and gate/up fused)."""
 
     ln_attn: torch.Tensor  # (H,)
-    wq: torch.Tensor  # (Hq * D, H)
-    wk: torch.Tensor  # (Hkv * D, H)
-    wv: torch.Tensor  # (Hkv * D, H)
+    w_qkv: torch.Tensor  # ((Hq + 2 Hkv) * D, H)
     wo: torch.Tensor  # (H, Hq * D)
     ln_mlp: torch.Tensor  # (H,)
-    w_gate: torch.Tensor  # (I, H)
-    w_up: torch.Tensor  # (I, H)
+    w_gate_up: torch.Tensor  # (2 I, H)
     w_down: torch.Tensor  # (H, I)
 
 
@@ -54,34 +56,38 @@ class DecoderStack:
         self.scaling = first.scaling
         self.eps = norm.variance_epsilon
         self.norm = norm.weight.detach()
-        self.layers = [_layer_weights(layer) for layer in layers]
-        weight = self.norm
+        self.layers = [fuse_layer(layer) for layer in layers]
         self.max_len = max_len
+        weight = self.norm
         # Step 1: static caches, one pair per layer.
         shape = (1, self.kv_heads, max_len, self.head_dim)
         self.keys = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in self.layers]
         self.values = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in self.layers]
-        # Step 2: RoPE tables `(max_len, D)` from the model's own rotary embedding (same float math).
+        # Step 2: RoPE tables `(max_len, D)` from the model's own rotary embedding (same float math),
+        # and per-position `(1, 1, 1, D)` views for one-token steps.
         positions = torch.arange(max_len, device=weight.device)[None]
         with torch.no_grad():
             cos, sin = rotary(torch.zeros(1, dtype=weight.dtype, device=weight.device), positions)
         self.cos, self.sin = cos[0], sin[0]
+        self.cos_at = [self.cos[p : p + 1][None, None] for p in range(max_len)]
+        self.sin_at = [self.sin[p : p + 1][None, None] for p in range(max_len)]
 
-    @torch.no_grad()
     def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """`(1, n, H)` inputs at positions ``start..start+n-1`` -> `(1, n, H)` normed hidden states."""
         n = x.shape[1]
-        cos = self.cos[start : start + n][None, None]
-        sin = self.sin[start : start + n][None, None]
+        if n == 1:
+            cos, sin = self.cos_at[start], self.sin_at[start]
+        else:
+            cos, sin = self.cos[start : start + n][None, None], self.sin[start : start + n][None, None]
         mask = _causal_mask(n, start, x.device) if n > 1 and start > 0 else None
         for i, w in enumerate(self.layers):
             # Attention block: norm, q/k/v, RoPE, write the cache, attend over the live prefix, residual.
             h = rms_norm(x, w.ln_attn, self.eps)
-            attn = self._attend(i, w, h, cos, sin, start, mask)
-            x = x + F.linear(attn, w.wo)
+            x = x + F.linear(self._attend(i, w, h, cos, sin, start, mask), w.wo)
             # MLP block: norm, SiLU-gated MLP, residual.
             h = rms_norm(x, w.ln_mlp, self.eps)
-            x = x + F.linear(F.silu(F.linear(h, w.w_gate)) * F.linear(h, w.w_up), w.w_down)
+            gate, up = F.linear(h, w.w_gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, w.w_down)
         return rms_norm(x, self.norm, self.eps)
 
     def _attend(
@@ -96,14 +102,14 @@ class DecoderStack:
     ) -> torch.Tensor:
         """`(1, n, H)` normed input -> `(1, n, Hq * D)` attention output (before o_proj)."""
         n = h.shape[1]
-        q = F.linear(h, w.wq).view(1, n, self.heads, self.head_dim).transpose(1, 2)
-        k = F.linear(h, w.wk).view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = F.linear(h, w.wv).view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        q = (q * cos) + (rotate_half(q) * sin)
-        k = (k * cos) + (rotate_half(k) * sin)
+        # q, k, v in one product: `(1, Hq + 2 Hkv, n, D)`; RoPE on the q and k heads together.
+        qkv = F.linear(h, w.w_qkv).view(1, n, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
+        qk = qkv[:, : self.heads + self.kv_heads]
+        qk = (qk * cos) + (rotate_half(qk) * sin)
+        q, k = qk[:, : self.heads], qk[:, self.heads :]
         end = start + n
         self.keys[i][:, :, start:end] = k
-        self.values[i][:, :, start:end] = v
+        self.values[i][:, :, start:end] = qkv[:, self.heads + self.kv_heads :]
         out = F.scaled_dot_product_attention(
             q,
             self.keys[i][:, :, :end],
@@ -122,18 +128,47 @@ def _causal_mask(n: int, start: int, device: torch.device) -> torch.Tensor:
     return keys[None, :] <= (start + torch.arange(n, device=device))[:, None]
 
 
-def _layer_weights(layer: Any) -> LayerWeights:
+def fuse_layer(layer: Any) -> LayerWeights:
+    """The layer's weights with q/k/v and gate/up fused; the modules' weights become views of the fused ones."""
     attn, mlp = layer.self_attn, layer.mlp
-    if getattr(attn.q_proj, "bias", None) is not None or getattr(mlp.gate_proj, "bias", None) is not None:
+    if attn.q_proj.bias is not None or mlp.gate_proj.bias is not None:
         raise ValueError("CSM layers with biases are not supported (csm-1b has none)")
     return LayerWeights(
         ln_attn=layer.input_layernorm.weight.detach(),
-        wq=attn.q_proj.weight.detach(),
-        wk=attn.k_proj.weight.detach(),
-        wv=attn.v_proj.weight.detach(),
+        w_qkv=_fuse_rows(attn, ["q_proj", "k_proj", "v_proj"]),
         wo=attn.o_proj.weight.detach(),
         ln_mlp=layer.post_attention_layernorm.weight.detach(),
-        w_gate=mlp.gate_proj.weight.detach(),
-        w_up=mlp.up_proj.weight.detach(),
+        w_gate_up=_fuse_rows(mlp, ["gate_proj", "up_proj"]),
         w_down=mlp.down_proj.weight.detach(),
     )
+
+
+FUSED_ATTR = "_companion_fused"  # where the fused matrix is kept on the module (one per module)
+
+
+def _fuse_rows(module: Any, names: list[str]) -> torch.Tensor:
+    """Stack the ``names`` linears' `(out_i, in)` weights into one `(sum out_i, in)` matrix and point
+    the linears at row views of it. Done once per module: later engines on the same model reuse it."""
+    fused = getattr(module, FUSED_ATTR, None)
+    linears = [getattr(module, name) for name in names]
+    if fused is not None and _views_of(fused, [lin.weight for lin in linears]):
+        return fused
+    fused = torch.cat([lin.weight.detach() for lin in linears])
+    row = 0
+    with torch.no_grad():
+        for lin in linears:
+            rows = lin.weight.shape[0]
+            lin.weight.data = fused[row : row + rows]
+            row += rows
+    setattr(module, FUSED_ATTR, fused)
+    return fused
+
+
+def _views_of(fused: torch.Tensor, weights: list[torch.Tensor]) -> bool:
+    """Whether ``weights`` are still the consecutive row blocks of ``fused``."""
+    row = 0
+    for w in weights:
+        if row >= fused.shape[0] or w.data_ptr() != fused[row].data_ptr():
+            return False
+        row += w.shape[0]
+    return row == fused.shape[0]

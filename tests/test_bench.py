@@ -1,0 +1,103 @@
+"""`companion bench` on the tiny checkpoint: the JSON keys and sane values (no timing thresholds)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from companion.cli import main
+from companion.engine.floor import measure_bandwidth, weight_bytes_per_frame
+
+REQUIRED = {
+    "baseline": ["ms_per_frame"],
+    "engine": [
+        "ms_per_frame", "rtf", "first_audio_ms_cold", "first_audio_ms_cached", "prefill_ms_ref10s",
+        "prefill_ms_ref120s", "mimi_decode_ms_per_frame", "peak_rss_mb", "cuda_max_allocated_mb",
+    ],
+    "floor": ["weight_bytes_per_frame", "bandwidth_gbps", "ms_per_frame"],
+}  # fmt: skip
+THREADS_BEFORE = torch.get_num_threads()
+
+
+@pytest.fixture(scope="module")
+def bench_json(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    argv = ["bench", "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32"]
+    assert main([*argv, "--frames", "3", "--repeats", "1", "--threads", "1", "--json", str(out)]) == 0
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+def test_bench_writes_every_key(bench_json: dict, tiny_model_dir: Path) -> None:
+    for section, keys in REQUIRED.items():
+        missing = [k for k in keys if k not in bench_json[section]]
+        assert not missing, f"{section} lacks {missing}"
+    assert bench_json["device"] == "cpu"
+    assert bench_json["dtype"] == "float32"
+    assert bench_json["model"].startswith(f"{tiny_model_dir.resolve()}@")  # the engine's model key
+
+
+def test_bench_values_are_sane(bench_json: dict) -> None:
+    e, b, f = bench_json["engine"], bench_json["baseline"], bench_json["floor"]
+    for value in (b["ms_per_frame"], e["ms_per_frame"], e["first_audio_ms_cold"], e["first_audio_ms_cached"],
+                  e["prefill_ms_ref10s"], e["prefill_ms_ref120s"], e["mimi_decode_ms_per_frame"], f["ms_per_frame"]):
+        assert isinstance(value, float) and math.isfinite(value) and value > 0
+    assert e["cuda_max_allocated_mb"] is None  # CPU
+    assert e["peak_rss_mb"] > 50
+    assert e["frames"] == 3
+    # RTF is (generation + decode) per frame over 80 ms of audio.
+    assert e["rtf"] == pytest.approx((e["ms_per_frame"] + e["mimi_decode_ms_per_frame"]) / 80.0)
+    # Prefix reuse: after a cached reference only the turn is prefilled, whatever the reference length.
+    assert 0 < e["prefill_positions_ref10s"] < 40
+    assert e["prefill_positions_ref120s"] == e["prefill_positions_ref10s"]
+    # The floor is bytes / bandwidth, and the ratios follow from the numbers.
+    assert f["ms_per_frame"] == pytest.approx(f["weight_bytes_per_frame"] / (f["bandwidth_gbps"] * 1e6))
+    assert bench_json["ratios"]["engine_over_baseline"] == pytest.approx(e["ms_per_frame"] / b["ms_per_frame"])
+    assert bench_json["ratios"]["engine_over_floor"] == pytest.approx(e["ms_per_frame"] / f["ms_per_frame"])
+
+
+def test_weight_bytes_counts_each_part(tiny_engine) -> None:
+    """Counted from the config by hand: backbone once, depth decoder K-1 times, heads once."""
+    cfg = tiny_engine.model.config
+    d = cfg.depth_decoder_config
+    k, size = cfg.num_codebooks, tiny_engine.model.lm_head.weight.element_size()
+
+    def layers(c, n_layers: int) -> int:
+        head_dim = c.hidden_size // c.num_attention_heads
+        attn = 2 * c.hidden_size * c.num_attention_heads * head_dim + 2 * c.hidden_size * c.num_key_value_heads * head_dim
+        mlp = 3 * c.hidden_size * c.intermediate_size
+        return n_layers * (attn + mlp + 2 * c.hidden_size) + c.hidden_size  # + 2 norms per layer, final norm
+
+    backbone = layers(cfg, cfg.num_hidden_layers)
+    depth = layers(d, d.num_hidden_layers) + d.backbone_hidden_size * d.hidden_size  # + input projection
+    expected = backbone + cfg.vocab_size * cfg.hidden_size + (k - 1) * depth + (k - 1) * d.hidden_size * d.vocab_size
+    parts = weight_bytes_per_frame(tiny_engine.model)
+    assert parts["total"] == expected * size
+    assert parts["depth_decoder"] == (k - 1) * depth * size
+
+
+def test_bandwidth_probe_gives_a_rate() -> None:
+    rate = measure_bandwidth(torch.device("cpu"), torch.float32, total_bytes=64 << 20, repeats=1)
+    assert math.isfinite(rate) and rate > 0.01
+
+
+def test_bench_leaves_torch_threads_as_they_were(bench_json: dict) -> None:
+    assert bench_json["machine"]["torch_threads"] == 1  # --threads 1 applied during the run
+    assert torch.get_num_threads() == THREADS_BEFORE
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "x", "--random-weights", "tiny"], "exclude each other"),
+        (["--random-weights", "tiny", "--frames", "1"], "--frames must be at least 2"),
+        (["--random-weights", "tiny", "--threads", "0"], "--threads must be at least 1"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

@@ -1,0 +1,134 @@
+"""The REPL on a real terminal (tmux) driving the real binary with the tiny checkpoint.
+
+Acceptance 1: a scripted conversation (three lines, $CLEAR$, /voice, /save, /quit) shows what a user
+expects and writes a valid 24 kHz WAV. Acceptance 4: Ctrl-C during a long generation comes back
+quickly, the next turn works, the cancelled one is not in the history.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import soundfile
+from terminal import COMPANION, Tmux, tmux_missing
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(tmux_missing() is not None, reason=str(tmux_missing()))]
+
+NO_SERVER = "unix:/nonexistent/native"  # no audio server: replies are written as WAV files
+
+
+def write_config(home: Path, max_segment_seconds: float) -> None:
+    (home / "config").mkdir(parents=True, exist_ok=True)
+    (home / "config" / "config.yaml").write_text(f"generation:\n  max_segment_seconds: {max_segment_seconds}\n")
+
+
+def add_guest_voice(data_dir: Path) -> None:
+    subprocess.run([*COMPANION, "voice", "add", "guest", "--audio", str(data_dir / "guest.mp3"),
+                    "--transcript-file", str(data_dir / "guest.txt")], check=True, capture_output=True, timeout=300)
+
+
+@pytest.fixture
+def terminal_env(companion_home: Path) -> dict[str, str]:
+    env = dict(os.environ, PULSE_SERVER=NO_SERVER, TERM="xterm-256color")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    return env
+
+
+def start_chat(tmp_path: Path, env: dict[str, str], *args: str) -> Tmux:
+    term = Tmux([*COMPANION, "chat", *args], env, cwd=tmp_path)
+    term.wait_for(r"you› ", timeout=300)
+    return term
+
+
+def test_scripted_conversation(tmp_path: Path, companion_home: Path, terminal_env, tiny_model_dir, data_dir):
+    write_config(companion_home, 2)
+    add_guest_voice(data_dir)
+    term = start_chat(tmp_path, terminal_env, "--model", str(tiny_model_dir), "--voice", "narrator")
+    try:
+        screen = term.screen()
+        assert "warning: no audio output" in screen and str(companion_home / "data" / "audio") in screen
+        assert "model" in screen and "loaded in" in screen
+        assert re.search(r"voice narrator │ context \d+/\d+ │ out WAV files in .* │ watermark on │ idle", screen)
+
+        for line in ["Hello there.", "How are you today?", "Tell me a story."]:
+            term.type_line(line)
+        term.wait_for("● generating", timeout=60)  # the toolbar follows the worker while we type
+        for line in ["$CLEAR$", "/voice guest", "/save out.wav", "/quit"]:
+            term.type_line(line)
+        assert term.exit_code(timeout=600) == 0
+        text = term.transcript()
+    finally:
+        term.close()
+    print(text)
+    # What a user expects to see, in order: three replies, the clear, the voice change, the save.
+    replies = re.findall(r"♪ (\d+\.\d) s · first audio \d+ ms · RTF [\d.]+ · saved (\S+\.wav)", text)
+    assert len(replies) == 3, text
+    events = [text.index(m) for m in ("✓ context cleared", "✓ voice: guest", "✓ saved")]
+    assert text.rindex("♪ ") < events[0] < events[1] < events[2]
+    assert "error" not in text.lower() and "Traceback" not in text
+
+    saved = tmp_path / "out.wav"
+    info = soundfile.info(str(saved))
+    assert info.samplerate == 24000 and info.channels == 1 and info.duration > 0.5
+    assert f"saved {info.duration:.1f} s to out.wav" in text
+    assert float(replies[-1][0]) == pytest.approx(info.duration, abs=0.05)  # /save wrote the last reply
+    history = (companion_home / "data" / "input_history").read_text()
+    assert "Hello there." in history and "/voice guest" in history  # persistent input history
+
+
+def test_ctrl_c_cancels_a_long_generation(tmp_path: Path, companion_home: Path, terminal_env, tiny_model_dir,
+                                          data_dir):
+    write_config(companion_home, 12)  # a turn may generate 12 s of audio: several seconds of work
+    add_guest_voice(data_dir)
+    term = start_chat(tmp_path, terminal_env, "--model", str(tiny_model_dir), "--voice", "guest")
+    try:
+        term.type_line("This line is cancelled.")
+        term.wait_for("● generating", timeout=60)
+        time.sleep(1.0)  # well into the generation
+        assert "♪" not in term.transcript()  # still generating
+        sent = time.monotonic()
+        term.keys("C-c")
+        term.wait_for(r"⏹ cancelled \(stopped in \d+ ms\)", timeout=10, poll=0.005)
+        seen = time.monotonic() - sent
+        internal = int(re.search(r"stopped in (\d+) ms", term.transcript()).group(1))
+        print(f"Ctrl-C -> back at the prompt: {seen * 1000:.0f} ms seen on the screen, {internal} ms measured inside")
+        assert seen < 1.0
+        term.wait_for(r"│ idle", timeout=5)
+
+        term.type_line("The next turn works.")
+        term.wait_for(r"♪ \d+\.\d s", timeout=300)
+        term.keys("C-d")
+        assert term.exit_code(timeout=120) == 0
+    finally:
+        term.close()
+    with sqlite3.connect(companion_home / "data" / "history.sqlite3") as db:
+        texts = [row[0] for row in db.execute("SELECT text FROM turns ORDER BY seq")]
+    assert texts == ["The next turn works."]
+
+
+def test_not_a_tty_reads_lines_from_stdin(tmp_path: Path, companion_home: Path, terminal_env, tiny_model_dir):
+    write_config(companion_home, 1)
+    out = subprocess.run(
+        [*COMPANION, "chat", "--model", str(tiny_model_dir), "--save-dir", str(tmp_path / "replies")],
+        input="Hello there.\n/nope\n/seed 7\nSecond line.\n/stats\n", capture_output=True, text=True,
+        env=terminal_env, timeout=600, cwd=tmp_path,
+    )
+    print(out.stdout, out.stderr, sep="\n")
+    assert out.returncode == 0
+    assert "error: unknown command /nope: did you mean /seed?" in out.stdout
+    assert "seed: 7" in out.stdout and re.search(r"turns spoken\s+│\s+2", out.stdout)
+    assert "warning" not in out.stdout + out.stderr  # --save-dir: no device wanted, none missed
+    files = sorted((tmp_path / "replies").glob("*.wav"))
+    assert len(files) == 2 and all(soundfile.info(str(f)).samplerate == 24000 for f in files)
+    assert "Traceback" not in out.stderr and "\x1b[" not in out.stdout  # plain text when piped
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-s"]))
