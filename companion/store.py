@@ -203,12 +203,17 @@ class Store:
         with self.transaction() as db:
             self._put_voice(db, session_id, voice)
 
+    def remove_voice(self, session_id: int, name: str) -> None:
+        """Unpin a voice (its turns stay)."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM voices WHERE session_id = ? AND name = ?", (session_id, name))
+
     def _put_voice(self, db: sqlite3.Connection, session_id: int, v: VoiceRecord) -> None:
         blob, k, t = codes_to_blob(v.codes) if v.codes is not None else (None, None, None)
         row = db.execute("SELECT position FROM voices WHERE session_id = ? AND name = ?", (session_id, v.name)).fetchone()
         if row is None:
-            count = db.execute("SELECT COUNT(*) FROM voices WHERE session_id = ?", (session_id,)).fetchone()[0]
-            position = int(count)
+            last = db.execute("SELECT MAX(position) FROM voices WHERE session_id = ?", (session_id,)).fetchone()[0]
+            position = 0 if last is None else int(last) + 1
         else:
             position = int(row[0])
         db.execute(
@@ -266,7 +271,7 @@ class Store:
         for record in self.sessions():
             if record.id == session_id:
                 return record
-        raise CompanionError(f"no session {session_id} in the history: `companion history list` shows the ids")
+        raise CompanionError(f"no conversation {session_id} in the history: `companion history list` shows the ids")
 
     def latest_session_id(self) -> int | None:
         with self._lock:

@@ -49,7 +49,7 @@ class Tmux:
 
     def transcript(self) -> str:
         """Everything printed so far (scrollback included)."""
-        return self._tmux("capture-pane", "-p", "-S", "-", "-t", self.name)
+        return self._tmux("capture-pane", "-p", "-J", "-S", "-", "-t", self.name)
 
     def wait_for(self, pattern: str, timeout: float, *, count: int = 1, poll: float = 0.01) -> float:
         """Seconds until ``pattern`` (a regex) appears ``count`` times in the transcript."""

@@ -114,5 +114,13 @@ def test_a_file_that_is_not_a_database_is_a_one_line_error(tmp_path: Path) -> No
 
 
 def test_unknown_session_is_a_one_line_error(tmp_path: Path) -> None:
-    with Store(tmp_path / "h.sqlite3") as store, pytest.raises(CompanionError, match="no session 42.*history list"):
+    with Store(tmp_path / "h.sqlite3") as store, pytest.raises(CompanionError, match="no conversation 42.*history list"):
         store.session(42)
+
+
+def test_an_unpinned_voice_is_removed_and_a_new_one_goes_last(tmp_path: Path) -> None:
+    with Store(tmp_path / "h.sqlite3") as store:
+        sid = store.create_session("m", 512, [VoiceRecord("a", 0, "x", _codes()), VoiceRecord("b", 1, "y", _codes())], "a")
+        store.remove_voice(sid, "a")
+        store.put_voice(sid, VoiceRecord("c", 2, "z", _codes()))
+        assert [v.name for v in store.voices(sid)] == ["b", "c"]

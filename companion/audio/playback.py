@@ -318,7 +318,7 @@ class WavWriter:
         self._count = 0
 
     def describe(self) -> str:
-        return f"WAV files in {self.directory}"
+        return f"WAV files: {self.directory}"
 
     def stop(self) -> None:
         pass

@@ -34,9 +34,10 @@ class LayerWeights:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """CsmRMSNorm's formula (in float32, back to the input dtype, then scaled), not ``F.rms_norm``."""
-    h = x.to(torch.float32)
+    wide = x.dtype != torch.float32  # the casts are no-ops in float32: skip their call overhead
+    h = x.float() if wide else x
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    return weight * (h.to(x.dtype) if wide else h)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -107,13 +108,13 @@ class DecoderStack:
         qk = qkv[:, : self.heads + self.kv_heads]
         qk = (qk * cos) + (rotate_half(qk) * sin)
         q, k = qk[:, : self.heads], qk[:, self.heads :]
-        end = start + n
-        self.keys[i][:, :, start:end] = k
-        self.values[i][:, :, start:end] = qkv[:, self.heads + self.kv_heads :]
+        keys, values = self.keys[i], self.values[i]
+        keys.narrow(2, start, n).copy_(k)
+        values.narrow(2, start, n).copy_(qkv[:, self.heads + self.kv_heads :])
         out = F.scaled_dot_product_attention(
             q,
-            self.keys[i][:, :, :end],
-            self.values[i][:, :, :end],
+            keys.narrow(2, 0, start + n),
+            values.narrow(2, 0, start + n),
             attn_mask=mask,
             is_causal=n > 1 and mask is None,
             scale=self.scaling,

@@ -52,8 +52,10 @@ def run_interactive(ctx: ChatContext, history_file: Path) -> int:
 
 
 def run_lines(ctx: ChatContext, lines: Iterable[str]) -> int:
-    """stdin is not a terminal: each line is a turn or a command, in order; no prompt_toolkit."""
+    """stdin is not a terminal: each line is a turn or a command, strictly in order; no prompt_toolkit."""
     for line in lines:
+        if ctx.registry.is_command(line.strip()):
+            ctx.worker.wait_idle()  # a script's /stats or /seed comes after the lines before it
         if not handle_line(ctx, line):
             break
     finish(ctx)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -16,9 +17,15 @@ from companion.repl.turns import TurnEvent
 def make_console(*, interactive: bool) -> Console:
     """A console that writes to the current sys.stdout (patch_stdout replaces it in the REPL)."""
     if interactive:
-        width = shutil.get_terminal_size((100, 24)).columns
-        return Console(force_terminal=True, width=width, highlight=False, soft_wrap=False)
+        return Console(force_terminal=True, width=_terminal_width(), highlight=False, soft_wrap=True)
     return Console(highlight=False, soft_wrap=True, width=max(80, shutil.get_terminal_size((100, 24)).columns))
+
+
+def _terminal_width() -> int:
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+    except (AttributeError, OSError, ValueError):
+        return shutil.get_terminal_size((100, 24)).columns
 
 
 def error_console() -> Console:

@@ -18,7 +18,7 @@ def toolbar_text(ctx: ChatContext) -> FormattedText:
         SEP,
         ("", f"context {used}/{budget}"),
         SEP,
-        ("", f"out {ctx.output.describe()}"),
+        ("", f"out {_short(ctx.output.describe())}"),
         SEP,
         ("", f"watermark {'on' if ctx.settings.watermark.enabled else 'off'}"),
         SEP,
@@ -35,3 +35,8 @@ def _activity(ctx: ChatContext) -> list[tuple[str, str]]:
     if state == "playing":
         return [("bold", f"▶ playing{queued}"), ("", "  Ctrl-C stops")]
     return [("", "idle  /help · Ctrl-D quits")]
+
+
+def _short(text: str, width: int = 24) -> str:
+    """Long device names and folders keep their end, which tells them apart."""
+    return text if len(text) <= width else "…" + text[-(width - 1) :]

@@ -80,15 +80,23 @@ class Context:
 
     # ---- voices ---------------------------------------------------------------------------------
 
-    def pin(self, voice: Voice, reserve: int) -> None:
-        """Add or replace ``voice``; refuse a reference that cannot fit beside the others."""
+    def pin(self, voice: Voice, reserve: int) -> list[str]:
+        """Add or replace ``voice``. When its reference does not fit beside the other voices' the
+        voices loaded earliest are unpinned (their turns stay, as turns); a reference that cannot fit
+        even alone is refused. Returns the names of the voices unpinned."""
         seg = voice.segment()
         voice.positions = self.positions(seg) if seg is not None else 0
-        others = sum(v.positions for n, v in self.voices.items() if n != voice.name)
-        room = self.max_seq_len - reserve - MIN_TEXT_POSITIONS - others
+        room = self.max_seq_len - reserve - MIN_TEXT_POSITIONS
         if voice.positions > room:
             raise CompanionError(self._refusal(voice, room))
+        others = [n for n in self.voices if n != voice.name]
+        evicted = []
+        while voice.positions + sum(self.voices[n].positions for n in others) > room:
+            evicted.append(others.pop(0))
+        for name in evicted:
+            del self.voices[name]
         self.voices[voice.name] = voice
+        return evicted
 
     def _refusal(self, voice: Voice, room: int) -> str:
         assert voice.codes is not None
@@ -99,8 +107,8 @@ class Context:
         fit_s = max(0.0, (room - 1) / per_second)
         return (
             f"voice '{voice.name}': its reference ({duration:.1f} s, {voice.positions} positions) "
-            f"does not fit the context ({self.max_seq_len} positions, {room} left after the reply's frames and the other "
-            f"voices): use a reference of at most {fit_s:.1f} s, or raise context.max_seq_len in config.yaml"
+            f"does not fit the context ({self.max_seq_len} positions, {room} left after the reply's frames): "
+            f"use a reference of at most {fit_s:.1f} s, or raise context.max_seq_len in config.yaml"
         )
 
     def references(self) -> list[Segment]:

@@ -40,16 +40,13 @@ def parse_line(line: str, known: Collection[str]) -> list[Part]:
     return [p for p in parts if p.text]
 
 
-def assign_voices(parts: list[Part], order: list[str], active: str) -> list[Part]:
-    """Give every unnamed part a voice: a single part gets ``active``; ``a || b`` parts alternate
-    through ``order`` (the session's voices) starting at ``active``."""
+def assign_voices(parts: list[Part], order: list[str], active: str) -> list[tuple[str, str]]:
+    """(voice, text) for every part: a named part keeps its voice; a single unnamed part gets
+    ``active``; unnamed ``a || b`` parts alternate through ``order`` (the session's voices) from ``active``."""
     if len(parts) <= 1:
-        return [Part(p.voice or active, p.text) for p in parts]
+        return [(p.voice or active, p.text) for p in parts]
     start = order.index(active) if active in order else 0
-    out = []
-    for i, p in enumerate(parts):
-        out.append(Part(p.voice or (order[(start + i) % len(order)] if order else active), p.text))
-    return out
+    return [(p.voice or (order[(start + i) % len(order)] if order else active), p.text) for i, p in enumerate(parts)]
 
 
 def read_script(text: str) -> list[str]:

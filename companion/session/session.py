@@ -54,6 +54,7 @@ class Session:
         self.stats: deque[TurnStats] = deque(maxlen=STATS_KEPT)
         self.log = AudioLog(engine.sample_rate)
         self._reply: list[np.ndarray] = []
+        self.reply_voices: list[str] = []  # the voices of the last ``speak``, in order
         self._next_seq = 1
 
     # ---- voices ---------------------------------------------------------------------------------
@@ -84,9 +85,13 @@ class Session:
         taken = {v.speaker for v in self.context.voices.values() if v.name != voice.name}
         while voice.speaker in taken:  # every voice in a session needs its own speaker id
             voice.speaker += 1
-        self.context.pin(voice, self.max_frames())
+        evicted = self.context.pin(voice, self.max_frames())
+        if self.active in evicted:
+            self.active = voice.name
         self.active = self.active or voice.name
         if self.store is not None and self.session_id is not None:
+            for name in evicted:
+                self.store.remove_voice(self.session_id, name)
             self.store.put_voice(self.session_id, _record(voice))
         return voice
 
@@ -105,7 +110,7 @@ class Session:
         except CompanionError:
             if name != DEFAULT_VOICE:
                 raise
-            profile = VoiceProfile(name=DEFAULT_VOICE)  # saved once it has a reference
+            profile = VoiceProfile(name=DEFAULT_VOICE, speaker=0)  # saved once it has a reference
         prepared = load_voice(profile, self.engine, self.settings.reference, self.cache)
         return Voice(prepared.name, prepared.speaker, prepared.transcript, prepared.codes,
                      generation=dict(prepared.generation), profile=profile)
@@ -155,14 +160,16 @@ class Session:
         default = voice or self.active or self.settings.voice or DEFAULT_VOICE
         parts = parse_line(text, self.known_voices())
         order = list(self.context.voices) or [default]
-        voiced = [(self._voice(p.voice), p.text) for p in assign_voices(parts, order, default)]
+        voiced = [(self._voice(name), part) for name, part in assign_voices(parts, order, default)]
         if self.active is None and voiced:
             self.active = voiced[0][0].name
         return self._speak_parts(voiced, cancel)
 
     def _speak_parts(self, parts: list[tuple[Voice, str]], cancel: threading.Event | None) -> Iterator[np.ndarray]:
-        self._reply = []
+        self._reply, self.reply_voices = [], []
         for voice, text in parts:
+            if voice.name not in self.reply_voices:
+                self.reply_voices.append(voice.name)
             for seg_text in prepare(text, self.settings.generation.max_segment_seconds):
                 for piece in self._fit_text(voice, seg_text):
                     if cancel is not None and cancel.is_set():
@@ -259,9 +266,13 @@ class Session:
     def _adopt_reference(self, voice: Voice, text: str, codes: torch.Tensor, audio: np.ndarray, stats: TurnStats) -> None:
         """Pin a bootstrap segment as the voice's reference; record it; save it with the profile."""
         voice.codes, voice.transcript = codes, text
-        self.context.pin(voice, self.max_frames())
+        evicted = self.context.pin(voice, self.max_frames())
+        if self.active in evicted:
+            self.active = voice.name
         seq = self._next_seq
         if self.store is not None:
+            for name in evicted:
+                self.store.remove_voice(self._session_id(), name)
             record = TurnRecord(voice.name, voice.speaker, text, codes, kind="reference",
                                 first_audio_ms=stats.first_audio_ms, rtf=stats.rtf)
             seq = self.store.add_turn(self._session_id(), record, self.context.first_seq(), voice=_record(voice))
@@ -329,8 +340,14 @@ class Session:
         session.session_id = sid
         for vr in store.voices(sid):
             profile = _profile(voices, vr.name)
-            generation = profile.generation.as_dict() if profile is not None else {}
-            session.context.pin(Voice(vr.name, vr.speaker, vr.transcript, vr.codes, generation, profile), session.max_frames())
+            if vr.codes is None and profile is not None and profile.audio:
+                voice = session._load_voice(vr.name)  # it got a reference (in another session) since
+                voice.speaker = vr.speaker
+                store.put_voice(sid, _record(voice))
+            else:
+                generation = profile.generation.as_dict() if profile is not None else {}
+                voice = Voice(vr.name, vr.speaker, vr.transcript, vr.codes, generation, profile)
+            session.context.pin(voice, session.max_frames())
         turns = store.turns(sid)
         for t in turns:
             if t.kind == "turn" and t.seq >= record.context_start:

@@ -250,11 +250,15 @@ def _period_if_ends(m: re.Match[str]) -> str:
     return "." if re.match(r"\s*$|\s+[A-Z]", m.string[m.end():]) else ""
 
 
+def _expansion(words: str) -> Callable[[re.Match[str]], str]:
+    return lambda m: words + _period_if_ends(m)
+
+
 def _abbreviations(text: str) -> str:
     for abbr, words in TITLES.items():
         text = re.sub(rf"(?<![\w.]){re.escape(abbr)}", words, text)
     for abbr, words in ABBREVIATIONS.items():
-        text = re.sub(rf"(?<![\w.]){re.escape(abbr)}", lambda m, w=words: w + _period_if_ends(m), text)
+        text = re.sub(rf"(?<![\w.]){re.escape(abbr)}", _expansion(words), text)
     text = re.sub(r"\bNo\.\s*(?=\d)", "number ", text)
     text = re.sub(r"\bSt\.(?=\s+[A-Z])", "Saint", text)
     text = re.sub(r"\bSt\.", lambda m: "Street" + _period_if_ends(m), text)
