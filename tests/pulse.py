@@ -62,14 +62,16 @@ class PulseServer:
             time.sleep(0.3)  # let the tail reach the monitor
             proc.terminate()
             proc.wait(timeout=5)
+            cap.samples = np.fromfile(path, dtype="<f4")
 
 
 @dataclass
 class Capture:
     path: Path
+    samples: np.ndarray | None = None  # read when the capture ends (the server's dir goes away with it)
 
     def audio(self) -> np.ndarray:
-        return np.fromfile(self.path, dtype="<f4")
+        return self.samples if self.samples is not None else np.fromfile(self.path, dtype="<f4")
 
 
 @contextmanager

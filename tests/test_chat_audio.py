@@ -18,6 +18,8 @@ import soundfile
 from pulse import best_correlation, pulse_server, pulseaudio_missing, trim_silence
 from terminal import COMPANION
 
+from companion.watermark import detect
+
 pytestmark = pytest.mark.slow
 NO_SERVER = "unix:/nonexistent/native"
 
@@ -67,7 +69,7 @@ def test_played_audio_is_the_turns_audio_with_no_underruns(tmp_path, companion_h
 
 
 def test_no_audio_server_writes_wav_files_and_goes_on(tmp_path, companion_home, tiny_model_dir):
-    write_config(companion_home, 1)
+    write_config(companion_home, 2)
     out = run(["chat", "--model", str(tiny_model_dir)], base_env(NO_SERVER), tmp_path,
               "Hello there.\n/watermark off\nSecond line.\n/voice nobody\nThird line.\n/stats\n")
     assert out.returncode == 0
@@ -82,6 +84,8 @@ def test_no_audio_server_writes_wav_files_and_goes_on(tmp_path, companion_home, 
         info = soundfile.info(str(f))
         assert info.samplerate == 24000 and info.channels == 1 and info.duration > 0.05
     assert re.search(r"turns spoken\s+│\s+3", out.stdout)
+    marked = [detect(soundfile.read(str(f), dtype="float32")[0], 24000, "companion").detected for f in files]
+    assert marked == [True, False, False]  # /watermark off took effect from the next reply on
 
 
 def test_say_writes_a_wav_file(tmp_path, companion_home, tiny_model_dir):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import soundfile
+from pulse import pulse_server, pulseaudio_missing, trim_silence
 from terminal import COMPANION, Tmux, tmux_missing
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(tmux_missing() is not None, reason=str(tmux_missing()))]
@@ -83,25 +84,30 @@ def test_scripted_conversation(tmp_path: Path, companion_home: Path, terminal_en
     assert "Hello there." in history and "/voice guest" in history  # persistent input history
 
 
+def cancel_during_generation(term: Tmux, line: str) -> float:
+    """Type ``line``, press Ctrl-C a second into its generation; seconds until the REPL says it stopped."""
+    term.type_line(line)
+    term.wait_for("● generating", timeout=60)
+    time.sleep(1.0)  # well into the generation
+    assert "♪" not in term.transcript()  # still generating
+    sent = time.monotonic()
+    term.keys("C-c")
+    term.wait_for(r"⏹ cancelled \(stopped in \d+ ms\)", timeout=10, poll=0.005)
+    seen = time.monotonic() - sent
+    internal = int(re.search(r"stopped in (\d+) ms", term.transcript()).group(1))
+    print(f"Ctrl-C -> back at the prompt: {seen * 1000:.0f} ms seen on the screen, {internal} ms measured inside")
+    assert seen < 1.0
+    term.wait_for(r"│ idle", timeout=5)
+    return seen
+
+
 def test_ctrl_c_cancels_a_long_generation(tmp_path: Path, companion_home: Path, terminal_env, tiny_model_dir,
                                           data_dir):
     write_config(companion_home, 12)  # a turn may generate 12 s of audio: several seconds of work
     add_guest_voice(data_dir)
     term = start_chat(tmp_path, terminal_env, "--model", str(tiny_model_dir), "--voice", "guest")
     try:
-        term.type_line("This line is cancelled.")
-        term.wait_for("● generating", timeout=60)
-        time.sleep(1.0)  # well into the generation
-        assert "♪" not in term.transcript()  # still generating
-        sent = time.monotonic()
-        term.keys("C-c")
-        term.wait_for(r"⏹ cancelled \(stopped in \d+ ms\)", timeout=10, poll=0.005)
-        seen = time.monotonic() - sent
-        internal = int(re.search(r"stopped in (\d+) ms", term.transcript()).group(1))
-        print(f"Ctrl-C -> back at the prompt: {seen * 1000:.0f} ms seen on the screen, {internal} ms measured inside")
-        assert seen < 1.0
-        term.wait_for(r"│ idle", timeout=5)
-
+        cancel_during_generation(term, "This line is cancelled.")
         term.type_line("The next turn works.")
         term.wait_for(r"♪ \d+\.\d s", timeout=300)
         term.keys("C-d")
@@ -111,6 +117,27 @@ def test_ctrl_c_cancels_a_long_generation(tmp_path: Path, companion_home: Path, 
     with sqlite3.connect(companion_home / "data" / "history.sqlite3") as db:
         texts = [row[0] for row in db.execute("SELECT text FROM turns ORDER BY seq")]
     assert texts == ["The next turn works."]
+
+
+@pytest.mark.audio
+@pytest.mark.skipif(pulseaudio_missing() is not None, reason=str(pulseaudio_missing()))
+def test_ctrl_c_silences_playback(tmp_path: Path, companion_home: Path, terminal_env, tiny_model_dir):
+    write_config(companion_home, 12)
+    with pulse_server() as server:
+        env = dict(terminal_env, PULSE_SERVER=server.server)
+        with server.capture() as cap:
+            term = start_chat(tmp_path, env, "--model", str(tiny_model_dir))
+            try:
+                term.wait_for(r"out default", timeout=10)  # playing, not writing files
+                cancel_during_generation(term, "This reply is cut short.")
+                time.sleep(0.5)
+                term.keys("C-d")
+                assert term.exit_code(timeout=120) == 0
+            finally:
+                term.close()
+    heard = trim_silence(cap.audio())
+    print(f"heard {len(heard) / 24000:.2f} s before the stop")
+    assert 0.1 * 24000 < len(heard) < 2.0 * 24000  # sound had started, and stopped long before 12 s
 
 
 def test_not_a_tty_reads_lines_from_stdin(tmp_path: Path, companion_home: Path, terminal_env, tiny_model_dir):

@@ -105,3 +105,8 @@ def test_names_and_aliases_are_unique():
     reg.add(SlashCommand("one", "first", lambda ctx, arg: None, ("o",)))
     with pytest.raises(ValueError, match="already registered"):
         reg.add(SlashCommand("other", "second", lambda ctx, arg: None, ("o",)))
+
+
+def test_the_docs_table_is_the_registry():
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "chat.md").read_text(encoding="utf-8")
+    assert build_registry().markdown() in docs, "docs/chat.md: paste build_registry().markdown() again"

@@ -269,3 +269,22 @@ def test_watermark_is_applied_to_what_is_heard(tiny_model_dir: Path, data_dir: P
     for got, want, orig in zip(marked, expected, raw, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-6)
         assert not np.array_equal(got, orig)
+
+
+def test_resume_restores_the_pruned_context_exactly(tiny_model_dir: Path, data_dir: Path) -> None:
+    voices = add_profile(data_dir, "guest")
+    add_profile(data_dir, "plain", audio=None)
+    engine = make_engine(tiny_model_dir, 640)
+    settings = make_settings(640, seconds=0.8)
+    with Store() as store:
+        live = Session(engine, settings, store, voices)
+        live.use_voice("guest")
+        for line in ["Yes."] * 3 + ["$CLEAR$"] + ["Right.", "Sure.", "plain: Hi.", "Good."] * 3:
+            list(live.speak(line))
+        assert sum(s.dropped_turns for s in live.stats) > 0  # pruned along the way
+        resumed = Session.resume(make_engine(tiny_model_dir, 640), settings, store, live.session_id, VoiceStore())
+        want, got = live.context_segments(), resumed.context_segments()
+        assert len(got) == len(want) > 2
+        assert all(same_segment(a, b) for a, b in zip(want, got, strict=True))
+        assert resumed.active == live.active == "guest"
+        assert {n: v.speaker for n, v in resumed.context.voices.items()} == {n: v.speaker for n, v in live.context.voices.items()}

@@ -65,6 +65,10 @@ CASES = [
     ("Cats vs. dogs.", "Cats versus dogs."),
     ("St. Peter lives on Main St.", "Saint Peter lives on Main Street."),
     ("Tea w/o sugar.", "Tea without sugar."),
+    ("I live in the U.S.A. now.", "I live in the U S A now."),
+    ("ask mr. smith.", "ask Mister smith."),
+    ("My MP3 player.", "My MP three player."),
+    ("Add .5 cups.", "Add point five cups."),
     ("Room No. 5.", "Room number five."),
     # URLs, e-mails, symbols
     ("See https://example.com/docs/intro?x=1 now.", "See example dot com slash docs slash intro now."),
@@ -104,6 +108,19 @@ def test_normalized_text_has_no_digits_or_markup() -> None:
     out = normalize(text)
     assert not re.search(r"[\d$%*#()\[\]<>{}/@]", out), out
     assert not any(ord(c) > 0x2000 for c in out), out
+
+
+ODD_INPUTS = ["$", "$$5", "10:99", "99/99/9999", "2024-13-45", "%", "1st2nd", "1.2.3.4.5", "(((", "**", "__init__",
+              "C++", "#1", "@", "5-", "--", "...", "?!", "\u2014", "\u20ac5.555", "$1,000,000.00", "12:30:45", "Jan 99",
+              "32 March", "0:00", "25:00am", "1/0", "http://", "www.", "a@b", "No.", "St.", "1e10", "0x1F", "10^3",
+              "\U0001F1FA\U0001F1F8", "\x00", "\u200b", "a\r\nb", "```\ncode\n```", "[x](", "<b", "1,23,456", "-0.5%"]
+
+
+@pytest.mark.parametrize("text", ODD_INPUTS)
+def test_odd_input_never_fails_and_leaves_no_digits(text: str) -> None:
+    out = normalize(text)
+    assert not re.search(r"\d", out), out
+    assert segment_text(out, 25.0) == ([out] if out else [])
 
 
 @pytest.mark.parametrize(

@@ -84,6 +84,8 @@ def resolve_device(spec: str | int | None) -> int | None:
     if spec is None or spec == "":
         return None
     devices = output_devices()
+    if not devices:
+        raise AudioUnavailable("no audio output device found (no audio server running?)")
     if isinstance(spec, int) or re.fullmatch(r"\d+", str(spec)):
         index = int(spec)
         if any(d.index == index for d in devices):

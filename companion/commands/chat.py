@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from companion.commands.common import add_model_arguments, settings_from_args
 from companion.config import Settings
@@ -157,11 +160,32 @@ def build_context(session: Session, settings: Settings, output: AudioOutput, sav
     def expected(text: str) -> float:
         return min(1.5 * estimate_seconds(text) + 0.5, _max_reply_seconds(session, text))
 
-    worker = TurnWorker(lambda text, cancel: session.speak(text, cancel=cancel), output, printer.event,
-                        estimate=expected, debug=debug, after_each=refresh)
+    speak, extras = _speaker(session, settings, printer)
+    worker = TurnWorker(speak, output, printer.event, estimate=expected, debug=debug, after_each=refresh)
     refresh()
     return ChatContext(session, settings, output, worker, printer, session.voice_store or VoiceStore(),
-                       build_registry(), save_dir, status)
+                       build_registry(), save_dir, status, extras)
+
+
+def _speaker(session: Session, settings: Settings, printer: Any) -> tuple[Any, dict[str, Any]]:
+    """What a turn speaks: the typed line, or (llm.enabled) the LLM's reply to it."""
+    if not settings.llm.enabled:
+        return (lambda text, cancel: session.speak(text, cancel=cancel)), {}
+    from companion.llm import Conversation, LLMClient
+
+    client, conversation = LLMClient(settings.llm), Conversation(settings.llm.system_prompt)
+
+    def speak(text: str, cancel: threading.Event) -> Iterator[np.ndarray]:
+        pieces = []
+        for piece in conversation.ask(client, text):
+            if cancel.is_set():
+                return iter(())
+            pieces.append(piece)
+        reply = "".join(pieces).strip()
+        printer.info(f"companion: {reply}")
+        return session.speak(reply, cancel=cancel) if reply else iter(())
+
+    return speak, {"conversation": conversation}
 
 
 def _max_reply_seconds(session: Session, text: str) -> float:

@@ -16,11 +16,11 @@ if TYPE_CHECKING:
     from companion.store import Store
 
 HELP = "list, show and export past conversations"
-DESCRIPTION = """Past conversations, from the history database in the data folder.
-  companion history list             the conversations, newest first
-  companion history show ID          one conversation's voices and turns
-  companion history export ID FILE   its audio as one WAV file (decodes the stored codes: needs --model)
-Resume one in the app with `companion chat --resume ID`."""
+DESCRIPTION = (
+    "Past conversations, from the history database in the data folder: `list` them (newest first), `show ID` "
+    "one (voices and turns), `export ID FILE.wav` its audio (decodes the stored codes, so it takes --model). "
+    "Resume one in the app with `companion chat --resume ID`."
+)
 FRAME_RATE = 12.5  # Mimi frames per second
 GAP_SECONDS = 0.25  # silence between turns in an export
 

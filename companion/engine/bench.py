@@ -302,30 +302,25 @@ def random_engine(kind: str, device: torch.device, dtype: torch.dtype, workdir: 
 # ---- the whole bench ------------------------------------------------------------------------------
 
 
-def run_bench(engine: Engine, model_label: str, opts: BenchOptions, log: Callable[[str], None]) -> dict[str, Any]:
-    """All measurements, as the nested dict ``companion bench --json`` writes."""
-    short_ref, long_ref = reference(engine, REF_SHORT_FRAMES), reference(engine, REF_LONG_FRAMES, seed=1)
+def engine_section(
+    engine: Engine, short_ref: Segment, long_ref: Segment, opts: BenchOptions, log: Callable[[str], None]
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """The engine's numbers (speed, prefill, first audio, memory) and the codes of its best speed run."""
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)
-    # Step 1: warm up; then engine and baseline speed on the 10 s reference prompt, alternating.
-    log("engine and baseline: speed")
+    # Step 1: warm up, then speed on the 10 s reference prompt.
+    log("engine: speed")
     engine_run(engine, [], TURNS[0], 2, opts)
-    runs = []
-    base_ms = []
-    for i in range(opts.repeats):
-        runs.append(engine_run(engine, [short_ref], TURNS[0], opts.frames, opts, seed=i))
-        base_ms.append(baseline_ms_per_frame(engine, [short_ref], TURNS[0], opts, warm_up=i == 0))
+    runs = [engine_run(engine, [short_ref], TURNS[0], opts.frames, opts, seed=i) for i in range(opts.repeats)]
     stats, codes = min(runs, key=lambda run: run[0].ms_per_frame)
     decode_ms = min(s.decode_ms / max(s.frames, 1) for s, _ in runs)
-    out: dict[str, Any] = {"engine": {
+    eng: dict[str, Any] = {
         "ms_per_frame": stats.ms_per_frame,
         "frames": stats.frames,
         "rtf": (stats.ms_per_frame + decode_ms) / FRAME_MS,
         "mimi_decode_ms_per_frame": decode_ms,
         "ms_per_frame_runs": [s.ms_per_frame for s, _ in runs],
-    }}  # fmt: skip
-    out["baseline"] = {"ms_per_frame": min(base_ms), "ms_per_frame_runs": base_ms}
-    eng = out["engine"]
+    }
     # Step 2: turn prefill after a cached 10 s and 120 s reference; first audio with the 120 s one.
     log("engine: prefill after a cached 10 s reference")
     eng["prefill_ms_ref10s"], eng["prefill_positions_ref10s"] = prefill_after_prefix(engine, short_ref, opts)
@@ -333,23 +328,37 @@ def run_bench(engine: Engine, model_label: str, opts: BenchOptions, log: Callabl
     eng.update(first_audio(engine, long_ref, opts))
     log("engine: prefill after a cached 120 s reference")
     eng["prefill_ms_ref120s"], eng["prefill_positions_ref120s"] = prefill_after_prefix(engine, long_ref, opts)
-    eng["cuda_max_allocated_mb"] = (
-        torch.cuda.max_memory_allocated(engine.device) / 2**20 if engine.device.type == "cuda" else None
-    )
+    # Step 3: memory so far (the baseline has not run yet).
+    cuda = engine.device.type == "cuda"
+    eng["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(engine.device) / 2**20 if cuda else None
     eng["peak_rss_mb"] = peak_rss_mb()
-    # Step 3: Mimi alone, on the codes the engine generated.
-    if codes.shape[1]:
-        out["mimi"] = mimi_timings(engine, codes)
-    # Step 4: the floor, measured now on this device and dtype.
-    log("floor: weight-streaming bandwidth")
+    return eng, codes
+
+
+def floor_section(engine: Engine) -> dict[str, Any]:
+    """Weight bytes per frame, the bandwidth measured now on this device and dtype, and their ratio."""
     parts = weight_bytes_per_frame(engine.model)
     bandwidth = measure_bandwidth(engine.device, engine.dtype)
-    out["floor"] = {
+    return {
         "weight_bytes_per_frame": parts["total"],
         "weight_bytes_by_part": {k: v for k, v in parts.items() if k != "total"},
         "bandwidth_gbps": bandwidth,
         "ms_per_frame": parts["total"] / (bandwidth * 1e9) * 1000,
     }
+
+
+def run_bench(engine: Engine, model_label: str, opts: BenchOptions, log: Callable[[str], None]) -> dict[str, Any]:
+    """All measurements, as the nested dict ``companion bench --json`` writes."""
+    short_ref, long_ref = reference(engine, REF_SHORT_FRAMES), reference(engine, REF_LONG_FRAMES, seed=1)
+    eng, codes = engine_section(engine, short_ref, long_ref, opts, log)
+    out: dict[str, Any] = {"engine": eng}
+    if codes.shape[1]:
+        out["mimi"] = mimi_timings(engine, codes)
+    log("baseline: transformers generate")
+    runs = [baseline_ms_per_frame(engine, [short_ref], TURNS[0], opts, warm_up=i == 0) for i in range(opts.repeats)]
+    out["baseline"] = {"ms_per_frame": min(runs), "ms_per_frame_runs": runs}
+    log("floor: weight-streaming bandwidth")
+    out["floor"] = floor_section(engine)
     out["ratios"] = {
         "engine_over_baseline": eng["ms_per_frame"] / out["baseline"]["ms_per_frame"],
         "engine_over_floor": eng["ms_per_frame"] / out["floor"]["ms_per_frame"],

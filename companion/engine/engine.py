@@ -50,6 +50,9 @@ class Engine:
         self.prompt = PromptBuilder(processor.tokenizer, self.num_codebooks)
         self.loop = FrameLoop(model, max_seq_len)
         self.mimi = MimiStreamDecoder(model.codec_model)
+        # Codes >= this cannot be decoded by Mimi: never sample them (None when every code is decodable).
+        codec_size = int(model.codec_model.config.codebook_size)
+        self.decodable_codes = codec_size if codec_size < model.config.vocab_size else None
         self.last_stats = EngineStats()
 
     @classmethod
@@ -127,7 +130,7 @@ class Engine:
         self._sync()
         stats.prefill_ms = (time.perf_counter() - start) * 1000
         # Step 2: generate frames, decoding them in growing chunks.
-        sampler = Sampler(options.temperature, options.topk, options.seed, self.device)
+        sampler = Sampler(options.temperature, options.topk, options.seed, self.device, self.decodable_codes)
         self.mimi.reset()
         sizes, pending, gen_s = chunk_sizes(), [], 0.0
         want = next(sizes)

@@ -58,5 +58,5 @@ def run_lines(ctx: ChatContext, lines: Iterable[str]) -> int:
             ctx.worker.wait_idle()  # a script's /stats or /seed comes after the lines before it
         if not handle_line(ctx, line):
             break
-    finish(ctx)
+    finish(ctx, announce=False)
     return 0

@@ -24,11 +24,11 @@ def handle_line(ctx: ChatContext, line: str) -> bool:
     return True
 
 
-def finish(ctx: ChatContext) -> None:
+def finish(ctx: ChatContext, *, announce: bool = True) -> None:
     """Let queued turns finish (Ctrl-C stops them), then stop the worker."""
     try:
-        if ctx.worker.busy:
-            ctx.ui.info(f"finishing {ctx.worker.pending + 1} queued item(s): Ctrl-C to stop now")
+        if announce and ctx.worker.busy:
+            ctx.ui.info(f"finishing {ctx.worker.remaining} queued item(s): Ctrl-C to stop now")
         ctx.worker.wait_idle()
     except KeyboardInterrupt:
         ctx.worker.cancel()

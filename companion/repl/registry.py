@@ -94,3 +94,11 @@ class Registry(Generic[Ctx]):
     def help_rows(self) -> list[tuple[str, str, str]]:
         """(synopsis, aliases, help) for every command, in table order."""
         return [(c.synopsis(), ", ".join(f"/{a}" for a in c.aliases), c.help) for c in self.commands]
+
+    def markdown(self) -> str:
+        """The commands as a Markdown table (docs/chat.md holds this text; a test keeps them equal)."""
+        rows = ["| command | aliases | what it does |", "| --- | --- | --- |"]
+        for synopsis, aliases, text in self.help_rows():
+            cells = [f"`{synopsis}`", aliases, text]
+            rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        return "\n".join(rows) + "\n"

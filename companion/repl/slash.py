@@ -62,13 +62,14 @@ def list_voices(ctx: ChatContext, arg: str) -> None:
 
 def clear(ctx: ChatContext, arg: str) -> None:
     ctx.session.clear()
+    if "conversation" in ctx.extras:  # the LLM forgets too
+        ctx.extras["conversation"].clear()
     ctx.ui.success("context cleared: only the voice reference is kept")
 
 
 def show_context(ctx: ChatContext, arg: str) -> None:
     rows = [[row.what, str(row.positions), "pinned" if row.pinned else ""] for row in ctx.session.context_report()]
-    used, limit = ctx.session.context_used(), ctx.session.engine.max_seq_len
-    title = f"Context: {used} of {ctx.session.context_budget()} positions used ({limit} with the reply's reserve)"
+    title = f"Context: {ctx.session.context_used()} of {ctx.session.context_budget()} positions used"
     ctx.ui.table(title, ["what", "positions", ""], rows)
 
 

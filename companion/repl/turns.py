@@ -11,7 +11,7 @@ import queue
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Literal
@@ -71,6 +71,7 @@ class TurnWorker:
         self._estimate = estimate
         self._queue: queue.Queue[_Turn | None] = queue.Queue()
         self._current: _Turn | None = None
+        self._unfinished = 0  # jobs submitted and not yet done or dropped (guarded by _lock)
         self._cancelled_at: float | None = None
         self._lock = threading.Lock()
         self.generating = False
@@ -81,15 +82,25 @@ class TurnWorker:
     # ---- called from the UI thread
 
     def submit(self, text: str) -> None:
-        self._queue.put(_Turn(text))
+        self._put(_Turn(text))
 
     def submit_action(self, label: str, action: Callable[[], None]) -> None:
         """Run ``action`` in the worker after the turns queued before it (commands that change the session)."""
-        self._queue.put(_Turn(label, action))
+        self._put(_Turn(label, action))
+
+    def _put(self, turn: _Turn) -> None:
+        with self._lock:
+            self._unfinished += 1
+        self._queue.put(turn)
 
     @property
     def busy(self) -> bool:
-        return self._current is not None or not self._queue.empty()
+        return self._unfinished > 0
+
+    @property
+    def remaining(self) -> int:
+        """Turns and queued commands not finished yet (the current one included)."""
+        return self._unfinished
 
     @property
     def pending(self) -> int:
@@ -137,6 +148,8 @@ class TurnWorker:
                 self._queue.put(None)
                 return dropped
             dropped += 1
+            with self._lock:
+                self._unfinished -= 1
 
     # ---- the worker thread
 
@@ -164,9 +177,10 @@ class TurnWorker:
                 self._after_each()
             except Exception:  # the toolbar keeps its last values
                 pass
+        self.generating = False
         with self._lock:
             self._current = None
-        self.generating = False
+            self._unfinished -= 1
 
     def _play(self, turn: _Turn) -> TurnEvent:
         stats = TurnStats(turn.text)
@@ -182,7 +196,7 @@ class TurnWorker:
         self.history.append(stats)
         return TurnEvent("done", stats)
 
-    def _timed_chunks(self, turn: _Turn, stats: TurnStats) -> Iterator[np.ndarray]:
+    def _timed_chunks(self, turn: _Turn, stats: TurnStats) -> Generator[np.ndarray, None, None]:
         """The session's chunks, timing generation (the time spent inside the generator)."""
         start = time.monotonic()
         self.generating = True

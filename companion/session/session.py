@@ -201,13 +201,11 @@ class Session:
         marker = output_marker(self.settings)
         start, first_ms = time.perf_counter(), None
         codes: list[torch.Tensor] = []
-        raw: list[np.ndarray] = []
         heard: list[np.ndarray] = []
         completed = False
         try:
             for chunk in self.engine.stream(context, voice.speaker, text, opts, cancel):
                 codes.append(chunk.codes)
-                raw.append(chunk.audio)
                 audio = marker(chunk.audio) if marker is not None else chunk.audio
                 first_ms = first_ms if first_ms is not None else (time.perf_counter() - start) * 1000
                 heard.append(audio)
@@ -222,7 +220,7 @@ class Session:
             return  # cancelled, or the model ended at once: nothing to keep
         all_codes = torch.cat(codes, dim=1)
         if bootstrap:
-            self._adopt_reference(voice, text, all_codes, np.concatenate(raw), stats)
+            self._adopt_reference(voice, text, all_codes, np.concatenate(heard), stats)
         else:
             self._keep_turn(voice, text, all_codes, stats)
         self.log.append(np.concatenate(heard))

@@ -71,7 +71,8 @@ ABBREVIATIONS = {"e.g.": "for example", "i.e.": "that is", "etc.": "et cetera", 
                  "Dept.": "Department", "Fig.": "Figure", "a.m.": "A M", "p.m.": "P M"}
 SYMBOLS = {"&": " and ", "+": " plus ", "=": " equals ", "@": " at ", "~": " about ", "×": " times ",
            "÷": " divided by ", "#": " number ", "%": " percent ", "|": ", ", "*": " ", "_": " ",
-           "^": " ", "\\": " ", "/": " slash ", "<": ", ", ">": ", "}
+           "^": " ", "\\": " ", "/": " slash ", "<": ", ", ">": ", ", "$": " ", "€": " ", "£": " ",
+           "¥": " ", "₹": " "}
 _FRACTIONS = {2: ("half", "halves"), 3: ("third", "thirds"), 4: ("quarter", "quarters")}
 
 
@@ -250,13 +251,17 @@ def _period_if_ends(m: re.Match[str]) -> str:
     return "." if re.match(r"\s*$|\s+[A-Z]", m.string[m.end():]) else ""
 
 
+def _initialism(m: re.Match[str]) -> str:
+    return " ".join(m.group(1).replace(".", "").upper()) + _period_if_ends(m)
+
+
 def _expansion(words: str) -> Callable[[re.Match[str]], str]:
     return lambda m: words + _period_if_ends(m)
 
 
 def _abbreviations(text: str) -> str:
     for abbr, words in TITLES.items():
-        text = re.sub(rf"(?<![\w.]){re.escape(abbr)}", words, text)
+        text = re.sub(rf"(?<![\w.]){re.escape(abbr)}", words, text, flags=re.I)
     for abbr, words in ABBREVIATIONS.items():
         text = re.sub(rf"(?<![\w.]){re.escape(abbr)}", _expansion(words), text)
     text = re.sub(r"\bNo\.\s*(?=\d)", "number ", text)
@@ -264,6 +269,7 @@ def _abbreviations(text: str) -> str:
     text = re.sub(r"\bSt\.", lambda m: "Street" + _period_if_ends(m), text)
     text = re.sub(r"\bw/o\b", "without", text)
     text = re.sub(r"\band/or\b", "and or", text)
+    text = re.sub(r"(?<![\w.])((?:[A-Za-z]\.){2,})", _initialism, text)  # U.S.A. -> U S A
     text = re.sub(r"(?<!\w)w/(?=\s)", "with", text)
     return re.sub(r"\b(\w+)/(\w+)\b", lambda m: m.group(0) if m.group(0)[0].isdigit() else f"{m.group(1)} or {m.group(2)}", text)
 
@@ -300,6 +306,7 @@ def _brackets(text: str) -> str:
 def _tidy(text: str) -> str:
     text = text.replace('"', " ")
     text = re.sub(r"\s+", " ", text)
+    text = re.sub(r"(?<=\w)-+(?=[\s.,!?;:]|$)", "", text)  # a hyphen left dangling
     text = re.sub(r"\s+([,.!?;:])", r"\1", text)
     text = re.sub(r"([,;:])(?:\s*[,;:])+", r"\1", text)  # ", ," -> ","
     text = re.sub(r"[,;:]+\s*([.!?])", r"\1", text)  # ",." -> "."
@@ -339,6 +346,8 @@ STEPS: list[Callable[[str], str]] = [
     _sub(r"\b(\d+):(\d+)\b", lambda m: f"{cardinal(int(m.group(1)))} to {cardinal(int(m.group(2)))}"),
     _abbreviations,
     _sub(r"(?<![\w.])-(?=\d)", lambda m: "minus "),
+    _sub(r"(?<![\w.])\.(\d+)", lambda m: "point " + digits(m.group(1))),  # .5
+    _sub(r"(?<=[A-Za-z])(?=\d)|(?<=\d)(?=[A-Za-z])", lambda m: " "),  # MP3 -> MP 3, 3D -> 3 D
     _sub(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)+|\d+", lambda m: _number(m.group(0))),
     _symbols,
     _emoji,
