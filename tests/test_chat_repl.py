@@ -58,6 +58,11 @@ def test_scripted_conversation(tmp_path: Path, companion_home: Path, terminal_en
         assert "warning: no audio output" in screen and str(companion_home / "data" / "audio") in screen
         assert "model" in screen and "loaded in" in screen
 
+        term.keys("/voice g")  # completion of voice names on the real terminal
+        term.wait_for(r"you› /voice g", timeout=5)
+        term.keys("Tab")
+        term.wait_for(r"you› /voice guest", timeout=5)
+        term.keys("C-u")
         for line in ["Hello there.", "How are you today?", "Tell me a story."]:
             term.type_line(line)
         term.wait_for("● generating", timeout=60)  # the toolbar follows the worker while we type
