@@ -21,7 +21,9 @@ TWO_SPEAKERS = [
 ]
 
 
-def reference_codes(engine: Engine, turns: list[tuple[int, str, np.ndarray | None]], frames: int) -> torch.Tensor:
+def reference_codes(
+    engine: Engine, turns: list[tuple[int, str, np.ndarray | None]], frames: int
+) -> torch.Tensor:
     """`(n, K)` frames from ``generate(do_sample=False, depth_decoder_do_sample=False)``, end frame dropped."""
     conversation = []
     for speaker, text, audio in turns:
@@ -90,7 +92,9 @@ def test_positions_match_the_processor(tiny_engine: Engine, speech_24k, text: st
         {"role": "0", "content": [{"type": "text", "text": "Hi."}, {"type": "audio", "path": audio}]},
         {"role": "1", "content": [{"type": "text", "text": text}]},
     ]
-    ids = tiny_engine.processor.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
+    ids = tiny_engine.processor.apply_chat_template(conversation, tokenize=True, return_dict=True)[
+        "input_ids"
+    ]
     context = [Segment(0, "Hi.", tiny_engine.encode(audio))]
     mine = tiny_engine.segment_positions(context[0]) + tiny_engine.text_positions(1, text)
     assert mine == ids.shape[1]

@@ -14,7 +14,9 @@ from companion.engine import ContextTooLong, Engine, GenerationOptions, Segment
 
 
 def fresh(engine: Engine, max_seq_len: int | None = None) -> Engine:
-    return Engine(engine.model, engine.processor, engine.model_key, max_seq_len=max_seq_len or engine.max_seq_len)
+    return Engine(
+        engine.model, engine.processor, engine.model_key, max_seq_len=max_seq_len or engine.max_seq_len
+    )
 
 
 def test_chunks_grow_and_decode_like_the_whole_segment(tiny_engine: Engine) -> None:

@@ -113,7 +113,9 @@ def test_download_offline_without_cache_is_one_line(
     assert "unset HF_HUB_OFFLINE" in err
 
 
-def test_download_of_a_local_checkpoint_checks_it(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_download_of_a_local_checkpoint_checks_it(
+    tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from companion.cli import main
 
     assert main(["download", "--model", str(tiny_model_dir)]) == 0

@@ -33,7 +33,16 @@ def _sha(path: Path) -> str:
 
 def test_cli_writes_the_hub_layout(tmp_path: Path) -> None:
     out = tmp_path / "ckpt"
-    cmd = [sys.executable, "-m", "companion.testing.tiny_checkpoint", str(out), "--codebooks", "8", "--seed", "3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "companion.testing.tiny_checkpoint",
+        str(out),
+        "--codebooks",
+        "8",
+        "--seed",
+        "3",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "8 codebooks" in result.stdout
@@ -56,7 +65,10 @@ def test_loads_with_the_real_classes_and_generates(tiny_model_dir: Path) -> None
     assert (gen["top_k"], gen["depth_decoder_top_k"], gen["depth_decoder_do_sample"]) == (50, 50, True)
     audio = np.random.default_rng(0).standard_normal(24000).astype(np.float32) * 0.1
     conversation = [
-        {"role": "0", "content": [{"type": "text", "text": "Hello there."}, {"type": "audio", "path": audio}]},
+        {
+            "role": "0",
+            "content": [{"type": "text", "text": "Hello there."}, {"type": "audio", "path": audio}],
+        },
         {"role": "1", "content": [{"type": "text", "text": "Good morning."}]},
     ]
     inputs = processor.apply_chat_template(conversation, tokenize=True, return_dict=True)

@@ -47,6 +47,7 @@ TURNS = [
     "We met at the station and walked home together.",
     "Thank you very much, that was quick!",
 ]
+SLOW_COLD_MS = 20_000.0  # a cold 2-minute prefill slower than this is measured once, not --repeats times
 WORDS = "we met at the station talked for an hour and then walked home together the weather is warm".split()
 
 
@@ -119,10 +120,11 @@ def first_audio(engine: Engine, long_ref: Segment, opts: BenchOptions) -> dict[s
     cold, cold_prefill, cached = [], [], []
     for i in range(opts.repeats):
         # A reference of another speaker occupies the cache, so the long reference starts cold.
-        engine_run(engine, [Segment(1, "Another voice.", long_ref.codes[:, :8])], TURNS[0], 2, opts)
-        stats, _ = engine_run(engine, [long_ref], TURNS[i % len(TURNS)], 2, opts)
-        cold.append(stats.first_audio_ms or 0.0)
-        cold_prefill.append(stats.prefill_ms)
+        if not cold or cold[-1] < SLOW_COLD_MS:
+            engine_run(engine, [Segment(1, "Another voice.", long_ref.codes[:, :8])], TURNS[0], 2, opts)
+            stats, _ = engine_run(engine, [long_ref], TURNS[i % len(TURNS)], 2, opts)
+            cold.append(stats.first_audio_ms or 0.0)
+            cold_prefill.append(stats.prefill_ms)
         stats, _ = engine_run(engine, [long_ref], TURNS[(i + 1) % len(TURNS)], 2, opts)
         cached.append(stats.first_audio_ms or 0.0)
     return {

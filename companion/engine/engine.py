@@ -130,7 +130,14 @@ class Engine:
         self._sync()
         stats.prefill_ms = (time.perf_counter() - start) * 1000
         # Step 2: generate frames, decoding them in growing chunks.
-        sampler = Sampler(options.temperature, options.topk, options.seed, self.device, self.decodable_codes)
+        sampler = Sampler(
+            options.temperature,
+            options.topk,
+            options.seed,
+            self.device,
+            self.num_codebooks,
+            self.decodable_codes,
+        )
         self.mimi.reset()
         sizes, pending, gen_s = chunk_sizes(), [], 0.0
         want = next(sizes)
@@ -142,12 +149,12 @@ class Engine:
             if frame is not None:
                 pending.append(frame)
                 stats.frames += 1
+                stats.ms_per_frame = gen_s * 1000 / stats.frames  # kept current if the caller stops early
             if pending and (frame is None or len(pending) >= want):
                 yield self._chunk(torch.stack(pending, dim=1), stats, start)
                 pending, want = [], next(sizes)
             if frame is None:
                 break
-        stats.ms_per_frame = gen_s * 1000 / max(stats.frames, 1)
 
     def _chunk(self, codes: torch.Tensor, stats: EngineStats, start: float) -> AudioChunk:
         """Decode `(K, f)` new frames with the streaming Mimi decoder."""

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from companion.engine.cuda_graphs import GraphedFrame, graphed, graphs_wanted
 from companion.engine.prompt import NO_TOKEN, common_prefix
 from companion.engine.sampling import Sampler
 from companion.engine.stack import DecoderStack
@@ -46,8 +47,14 @@ class FrameLoop:
         self.heads = model.depth_decoder.codebooks_head.weight.detach()  # (K - 1, Hd, V)
         self.device = self.lm_head.device
         # Step 3: what the backbone cache holds: the first ``length`` of `(max_seq_len, K + 1)` rows.
-        self._rows = torch.full((max_seq_len, self.num_codebooks + 1), NO_TOKEN, dtype=torch.long, device=self.device)
+        self._rows = torch.full(
+            (max_seq_len, self.num_codebooks + 1), NO_TOKEN, dtype=torch.long, device=self.device
+        )
         self.length = 0
+        self._last_prompt = self._rows[:0]
+        # Step 4: on CUDA, frames replay captured graphs (one per sampling setting).
+        self.use_graphs = graphs_wanted(self.device)
+        self._graphs: dict[tuple, GraphedFrame] = {}
 
     @property
     def rows(self) -> torch.Tensor:
@@ -76,19 +83,22 @@ class FrameLoop:
         hidden = self.backbone.forward(self.embed_rows(rows[start:]), start)
         self._rows[start : len(rows)] = rows[start:]
         self.length = len(rows)
+        self._last_prompt = rows
         return hidden[:, -1:], len(rows) - start
 
     def embed_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """`(n, K + 1)` rows -> `(1, n, H)` input embeddings (text: the text table; audio: summed codebooks)."""
         is_text = rows[:, 0] != NO_TOKEN
-        out = torch.empty(len(rows), self.text_embed.shape[1], dtype=self.text_embed.dtype, device=self.device)
+        out = torch.empty(
+            len(rows), self.text_embed.shape[1], dtype=self.text_embed.dtype, device=self.device
+        )
         if is_text.any():
             out[is_text] = F.embedding(rows[is_text, 0], self.text_embed)
         if (~is_text).any():
-            out[~is_text] = self._embed_frames(rows[~is_text, 1:])[0]
+            out[~is_text] = self.embed_frames(rows[~is_text, 1:])[0]
         return out[None]
 
-    def _embed_frames(self, frames: torch.Tensor) -> torch.Tensor:
+    def embed_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """`(n, K)` codes -> `(1, n, H)`: each codebook's embedding, summed in one call as the model does."""
         return F.embedding(frames[None] + self.audio_offsets, self.audio_embed).sum(dim=2)
 
@@ -103,19 +113,26 @@ class FrameLoop:
         cancel: threading.Event | None = None,
     ) -> Iterator[torch.Tensor]:
         """Yield frames `(K,)` int64 (on the model's device) until the all-zero end frame (not yielded),
-        ``max_frames`` or ``cancel``. ``hidden`` is the `(1, 1, H)` state after the prompt."""
+        ``max_frames`` or ``cancel``. ``hidden`` is the `(1, 1, H)` state after the prompt.
+        (``no_grad`` on a generator applies around each resumption, i.e. once per frame.)"""
+        unit = graphed(self, sampler, self._graphs) if self.use_graphs else None
+        if unit is not None:
+            if self.length == 0:  # capture reset the cache: prefill again (once per sampling setting)
+                hidden, _ = self.prefill(self._last_prompt)
+            yield from unit.frames(hidden, max_frames, cancel)
+            return
         for count in range(max_frames):
             if cancel is not None and cancel.is_set():
                 return
-            with torch.no_grad():
-                # Step 1: backbone head -> codebook 0; depth decoder -> codebooks 1..K-1.
-                frame = self.depth_frame(hidden, sampler)
-                # Step 2: the end frame stops the segment (it is never fed back); the one sync per frame.
-                if not bool(frame.any()):
-                    return
-                # Step 3: feed the frame back, unless the cap is reached.
-                if count + 1 < max_frames:
-                    hidden = self.feed(frame)
+            # Step 1: backbone head -> codebook 0; depth decoder -> codebooks 1..K-1.
+            sampler.begin_frame()
+            frame = self.depth_frame(hidden, sampler)
+            # Step 2: the end frame stops the segment (it is never fed back); the one sync per frame.
+            if not bool(frame.any()):
+                return
+            # Step 3: feed the frame back, unless the cap is reached.
+            if count + 1 < max_frames:
+                hidden = self.feed(frame)
             yield frame
 
     def depth_frame(self, hidden: torch.Tensor, sampler: Sampler) -> torch.Tensor:
@@ -138,9 +155,12 @@ class FrameLoop:
 
     def feed(self, frame: torch.Tensor) -> torch.Tensor:
         """Feed one generated frame `(K,)` at the next backbone position; return its hidden `(1, 1, H)`."""
-        pos = self.length
-        hidden = self.backbone.forward(self._embed_frames(frame[None]), pos)
-        self._rows[pos, 1:] = frame
-        self._rows[pos, 0] = NO_TOKEN
-        self.length = pos + 1
+        hidden = self.backbone.forward(self.embed_frames(frame[None]), self.length)
+        self.record_frame(frame)
         return hidden
+
+    def record_frame(self, frame: torch.Tensor) -> None:
+        """Note that the cache now holds `(K,)` ``frame`` at the next position."""
+        self._rows[self.length, 1:] = frame
+        self._rows[self.length, 0] = NO_TOKEN
+        self.length += 1

@@ -32,9 +32,13 @@ def select_device(name: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("device 'cuda' was asked for but no CUDA GPU is available: use --device cpu or auto")
+        raise ModelLoadError(
+            "device 'cuda' was asked for but no CUDA GPU is available: use --device cpu or auto"
+        )
     if name == "mps" and not torch.backends.mps.is_available():
-        raise ModelLoadError("device 'mps' was asked for but Metal is not available: use --device cpu or auto")
+        raise ModelLoadError(
+            "device 'mps' was asked for but Metal is not available: use --device cpu or auto"
+        )
     if name not in ("cuda", "mps", "cpu"):
         raise ModelLoadError(f"unknown device {name!r}: use auto, cuda, mps or cpu")
     return torch.device(name)
@@ -65,7 +69,9 @@ def hub_error(
             f"with `hf auth login` (or set HF_TOKEN), or use the ungated copy with --model {UNGATED_COPY}"
         )
     if isinstance(err, hf.RevisionNotFoundError):
-        return ModelLoadError(f"{where}: no such revision on the hub: check --revision (a branch, tag or commit)")
+        return ModelLoadError(
+            f"{where}: no such revision on the hub: check --revision (a branch, tag or commit)"
+        )
     if isinstance(err, hf.RepositoryNotFoundError):
         return ModelLoadError(
             f"{model}: no such model on the hub and no such local directory (or it needs a login: "
@@ -131,7 +137,9 @@ def download_model(model: str, revision: str | None = None, *, downloading: bool
 def check_model_dir(path: Path) -> None:
     """Refuse a directory that is not a complete CSM checkpoint, naming the first thing missing."""
     if not path.is_dir():
-        raise ModelLoadError(f"model directory {path} does not exist: check --model (a hub id or a directory)")
+        raise ModelLoadError(
+            f"model directory {path} does not exist: check --model (a hub id or a directory)"
+        )
     for name in REQUIRED_FILES:
         if not (path / name).is_file():
             raise ModelLoadError(

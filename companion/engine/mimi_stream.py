@@ -105,9 +105,9 @@ class _CausalConvTranspose:
         c_in, c_out_g, k = c.weight.shape
         # Every input step times the kernel: (n, g, C_in/g) x (g, C_in/g, C_out/g * k) -> (n, C_out, m, s).
         if g == 1:  # one plain matrix product (faster than a batched one of batch 1)
-            a = (x[0].t() @ c.weight.view(c_in, c_out_g * k)).view(n, c_out_g, m, s)
+            a = (x[0].t() @ c.weight.reshape(c_in, c_out_g * k)).view(n, c_out_g, m, s)
         else:
-            w = c.weight.view(g, c_in // g, c_out_g * k)
+            w = c.weight.reshape(g, c_in // g, c_out_g * k)
             a = torch.einsum("ngi,gio->ngo", x[0].t().reshape(n, g, c_in // g), w).reshape(n, g * c_out_g, m, s)
         # Input step i writes kernel block j into output block i + j: (n + m - 1, C_out, s).
         y = a.new_zeros(n + m - 1, g * c_out_g, s)

@@ -72,6 +72,7 @@ class DecoderStack:
         self.cos, self.sin = cos[0], sin[0]
         self.cos_at = [self.cos[p : p + 1][None, None] for p in range(max_len)]
         self.sin_at = [self.sin[p : p + 1][None, None] for p in range(max_len)]
+        self._positions = positions[0]  # (max_len,) for the static-shape step's mask
 
     def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """`(1, n, H)` inputs at positions ``start..start+n-1`` -> `(1, n, H)` normed hidden states."""
@@ -121,6 +122,34 @@ class DecoderStack:
             enable_gqa=self.kv_heads != self.heads,
         )
         return out.transpose(1, 2).reshape(1, n, self.heads * self.head_dim)
+
+    def forward_at(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Static-shape step for CUDA graphs: `(1, 1, H)` input at the position held in the 0-dim int64
+        tensor ``pos`` -> `(1, 1, H)`. Attends over the whole cache with a position mask (shapes never
+        change, so one capture serves every position; bits may differ from ``forward``)."""
+        cos = self.cos.index_select(0, pos.view(1)).view(1, 1, 1, -1)
+        sin = self.sin.index_select(0, pos.view(1)).view(1, 1, 1, -1)
+        visible = (self._positions <= pos).view(1, 1, 1, -1)  # (1, 1, 1, max_len)
+        groups = self.heads // self.kv_heads
+        for i, w in enumerate(self.layers):
+            h = rms_norm(x, w.ln_attn, self.eps)
+            qkv = (
+                F.linear(h, w.w_qkv).view(1, 1, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
+            )
+            qk = qkv[:, : self.heads + self.kv_heads]
+            qk = (qk * cos) + (rotate_half(qk) * sin)
+            self.keys[i].index_copy_(2, pos.view(1), qk[:, self.heads :])
+            self.values[i].index_copy_(2, pos.view(1), qkv[:, self.heads + self.kv_heads :])
+            # One query: its heads of a group become rows of that group's query (no GQA kernel needed).
+            q = qk[:, : self.heads].reshape(1, self.kv_heads, groups, self.head_dim)
+            out = F.scaled_dot_product_attention(
+                q, self.keys[i], self.values[i], attn_mask=visible, scale=self.scaling
+            )
+            x = x + F.linear(out.reshape(1, 1, self.heads * self.head_dim), w.wo)
+            h = rms_norm(x, w.ln_mlp, self.eps)
+            gate, up = F.linear(h, w.w_gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, w.w_down)
+        return rms_norm(x, self.norm, self.eps)
 
 
 def _causal_mask(n: int, start: int, device: torch.device) -> torch.Tensor:

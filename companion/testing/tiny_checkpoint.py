@@ -147,7 +147,9 @@ def write_tiny_checkpoint(out_dir: str | Path, *, codebooks: int = 32, seed: int
     model.save_pretrained(out)
     # Step 4: processor = tokenizer + Mimi feature extractor + chat template.
     extractor = EncodecFeatureExtractor(feature_size=1, sampling_rate=24000, padding_value=0.0)
-    CsmProcessor(feature_extractor=extractor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE).save_pretrained(out)
+    CsmProcessor(
+        feature_extractor=extractor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
+    ).save_pretrained(out)
     _rewrite_in_hub_layout(out, extractor)
     return out
 
