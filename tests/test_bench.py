@@ -55,6 +55,7 @@ def test_bench_values_are_sane(bench_json: dict) -> None:
     assert e["prefill_positions_ref120s"] == e["prefill_positions_ref10s"]
     # The floor is bytes / bandwidth, and the ratios follow from the numbers.
     assert f["ms_per_frame"] == pytest.approx(f["weight_bytes_per_frame"] / (f["bandwidth_gbps"] * 1e6))
+    assert len(f["bandwidth_gbps_samples"]) == 3 and f["bandwidth_gbps"] == max(f["bandwidth_gbps_samples"])
     assert bench_json["ratios"]["engine_over_baseline"] == pytest.approx(e["ms_per_frame"] / b["ms_per_frame"])
     assert bench_json["ratios"]["engine_over_floor"] == pytest.approx(e["ms_per_frame"] / f["ms_per_frame"])
 
