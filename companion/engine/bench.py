@@ -117,7 +117,9 @@ def prefill_after_prefix(engine: Engine, ref: Segment, opts: BenchOptions) -> tu
 def first_audio(engine: Engine, long_ref: Segment, opts: BenchOptions) -> dict[str, float]:
     """First-audio latency with the 2-minute reference, cold (a different voice was cached) and cached."""
     assert long_ref.codes is not None
-    cold, cold_prefill, cached = [], [], []
+    cold: list[float] = []
+    cold_prefill: list[float] = []
+    cached: list[float] = []
     for i in range(opts.repeats):
         # A reference of another speaker occupies the cache, so the long reference starts cold.
         if not cold or cold[-1] < SLOW_COLD_MS:
