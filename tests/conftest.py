@@ -11,6 +11,9 @@ DATA = Path(__file__).parent / "data"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub access here; loading code must not try the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests start model subprocesses beside pytest's own model on 2 cores: one thread each avoids OpenMP
+# threads spinning against each other (seen: 70x slower frames with 2 threads under load).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)
