@@ -24,6 +24,7 @@ from companion.audio.prepare import SAMPLE_RATE, PreparationReport, prepare_refe
 from companion.config import ReferenceSettings
 from companion.errors import CompanionError
 from companion.paths import Paths, get_paths, shipped_clone_dir, shipped_config_dir
+from companion.textfile import read_text_file
 from companion.yamlfile import Schema, load_yaml
 
 if TYPE_CHECKING:
@@ -142,14 +143,7 @@ class VoiceProfile(Schema):
 
 def read_transcript(path: Path) -> str:
     """A transcript file's text; one-line errors for a missing, unreadable or empty file."""
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        raise CompanionError(f"{path}: transcript file not found: check the path") from None
-    except IsADirectoryError:
-        raise CompanionError(f"{path}: is a directory: give the transcript's text file") from None
-    except UnicodeDecodeError:
-        raise CompanionError(f"{path}: transcript is not UTF-8 text: save it as UTF-8") from None
+    text = read_text_file(path, "transcript file").strip()
     if not text:
         raise CompanionError(f"{path}: transcript file is empty: write the words spoken in the audio")
     return text

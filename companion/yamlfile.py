@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from companion.errors import CompanionError
+from companion.textfile import read_text_file
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -21,14 +22,7 @@ class Schema(BaseModel):
 
 def read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
     """Parse ``path`` safely; returns the data and its node tree (for line numbers)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CompanionError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise CompanionError(f"{path}: is a directory, expected a YAML file") from None
-    except UnicodeDecodeError:
-        raise CompanionError(f"{path}: not a text file (expected UTF-8 YAML)") from None
+    text = read_text_file(path, "YAML file")
     try:
         data = yaml.safe_load(text)
         node = yaml.compose(text, Loader=yaml.SafeLoader)

@@ -69,7 +69,7 @@ def test_played_audio_is_the_turns_audio_with_no_underruns(tmp_path, companion_h
 
 
 def test_no_audio_server_writes_wav_files_and_goes_on(tmp_path, companion_home, tiny_model_dir):
-    write_config(companion_home, 2)
+    write_config(companion_home, 8)  # long enough replies for a reliable watermark score (~12 vs threshold 7)
     out = run(["chat", "--model", str(tiny_model_dir)], base_env(NO_SERVER), tmp_path,
               "Hello there.\n/watermark off\nSecond line.\n/voice nobody\nThird line.\n/stats\n")
     assert out.returncode == 0

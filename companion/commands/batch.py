@@ -11,6 +11,7 @@ import numpy as np
 
 from companion.commands.common import add_model_arguments, settings_from_args
 from companion.errors import CompanionError
+from companion.textfile import read_text_file
 
 if TYPE_CHECKING:
     from companion.config import Settings
@@ -37,14 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def read_script_file(path: Path) -> list[str]:
     from companion.session import read_script
 
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CompanionError(f"{path}: script not found: check the path") from None
-    except IsADirectoryError:
-        raise CompanionError(f"{path}: is a directory: give the script's text file") from None
-    except UnicodeDecodeError:
-        raise CompanionError(f"{path}: not UTF-8 text: save the script as UTF-8") from None
+    text = read_text_file(path, "script")
     lines = read_script(text)
     if not lines:
         raise CompanionError(f"{path}: the script has no lines to speak: write one utterance per line")

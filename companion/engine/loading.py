@@ -173,10 +173,17 @@ def weights_fingerprint(path: Path) -> str:
 def load_csm(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
     """``(CsmForConditionalGeneration, CsmProcessor)`` from a checked local directory, in eval mode."""
     from transformers import CsmForConditionalGeneration, CsmProcessor
+    from transformers.utils import logging as hf_logging
 
+    # transformers' per-weight progress bar and its config warnings are noise on a chat screen.
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         processor = CsmProcessor.from_pretrained(path)
         model = CsmForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+        if device.type == "cpu" and dtype != torch.float32:
+            # bf16 convolutions are slow on CPUs and Mimi is a small share of the weights: keep it fp32.
+            model.codec_model.float()
     except torch.OutOfMemoryError as err:
         raise _out_of_memory(device) from err
     except MemoryError as err:

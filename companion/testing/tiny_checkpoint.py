@@ -140,6 +140,14 @@ def write_tiny_checkpoint(out_dir: str | Path, *, codebooks: int = 32, seed: int
     # Step 2: random weights from a fixed seed, the way transformers initialises them.
     torch.manual_seed(seed)
     model = CsmForConditionalGeneration(config).eval()
+    # Step 2b: transformers starts Mimi's codebooks at zero, which would decode every code to the same
+    # sound; random centroids make encode and decode depend on the audio and the codes, as in the real model.
+    with torch.no_grad():
+        for module in model.codec_model.modules():
+            if hasattr(module, "embed_sum") and hasattr(module, "cluster_usage"):
+                module.embed_sum.normal_(std=0.1)
+                module._embed = None  # the cached embed table is derived from embed_sum
+        _scale_codec_output(model.codec_model, target_std=0.15)
     # Step 3: the sampling defaults of csm-1b (the depth decoder's are saved with a depth_decoder_ prefix).
     for gen in (model.generation_config, model.depth_decoder.generation_config):
         gen.do_sample, gen.temperature, gen.top_k = True, 0.9, 50
@@ -152,6 +160,19 @@ def write_tiny_checkpoint(out_dir: str | Path, *, codebooks: int = 32, seed: int
     ).save_pretrained(out)
     _rewrite_in_hub_layout(out, extractor)
     return out
+
+
+def _scale_codec_output(codec, target_std: float) -> None:
+    """Scale Mimi's last convolution so random codes decode to speech-like levels (std ``target_std``)
+    instead of a random decoder's clipped noise (std ~3), leaving room for gain, watermark and mixing."""
+    import torch
+
+    last = codec.decoder.decoder_seanet.layers[-1].conv  # Conv1d(C, 1): the waveform projection
+    codes = torch.randint(0, codec.config.codebook_size, (1, codec.config.num_quantizers, 25))
+    std = float(codec.decode(codes).audio_values.std())
+    last.weight.mul_(target_std / std)
+    if last.bias is not None:
+        last.bias.mul_(target_std / std)
 
 
 def _rewrite_in_hub_layout(out: Path, extractor) -> None:
