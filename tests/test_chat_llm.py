@@ -5,24 +5,18 @@ from __future__ import annotations
 import os
 import sqlite3
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
 from terminal import COMPANION
-from test_llm import KEY, KEY_ENV, FakeOpenAI
+from test_llm import KEY, KEY_ENV, serving
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def llm_server():
-    srv = FakeOpenAI()
-    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    yield from serving()
 
 
 def test_the_llm_writes_what_is_spoken(tmp_path: Path, companion_home: Path, tiny_model_dir, llm_server):

@@ -100,14 +100,19 @@ class FakeOpenAI(ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}/v1"
 
 
-@pytest.fixture
-def server() -> Iterator[FakeOpenAI]:
+def serving() -> Iterator[FakeOpenAI]:
+    """A FakeOpenAI answering on 127.0.0.1 from a thread until the generator is closed."""
     srv = FakeOpenAI()
     thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield srv
     srv.shutdown()
     srv.server_close()
+
+
+@pytest.fixture
+def server() -> Iterator[FakeOpenAI]:
+    yield from serving()
 
 
 @pytest.fixture(autouse=True)
