@@ -49,6 +49,9 @@ class Engine:
         self.dtype = model.lm_head.weight.dtype
         self.prompt = PromptBuilder(processor.tokenizer, self.num_codebooks)
         self.loop = FrameLoop(model, max_seq_len)
+        if self.device.type == "cpu":
+            # bf16 convolutions are slow on CPUs and Mimi is a small share of the weights: keep it fp32.
+            model.codec_model.float()
         self.mimi = MimiStreamDecoder(model.codec_model)
         # Codes >= this cannot be decoded by Mimi: never sample them (None when every code is decodable).
         codec_size = int(model.codec_model.config.codebook_size)

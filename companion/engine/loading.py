@@ -181,9 +181,6 @@ def load_csm(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[Any,
     try:
         processor = CsmProcessor.from_pretrained(path)
         model = CsmForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
-        if device.type == "cpu" and dtype != torch.float32:
-            # bf16 convolutions are slow on CPUs and Mimi is a small share of the weights: keep it fp32.
-            model.codec_model.float()
     except torch.OutOfMemoryError as err:
         raise _out_of_memory(device) from err
     except MemoryError as err:
