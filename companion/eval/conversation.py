@@ -47,8 +47,10 @@ class TurnScore:
     problem: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        measured = self.score.as_dict() if self.score else {}
-        measured.pop("file", None)
+        measured: dict[str, Any] = {"similarity": None, "verdict": "not measured"}
+        if self.score is not None:
+            measured = self.score.as_dict()
+            measured.pop("file")
         return {"turn": self.seq, "voice": self.voice, "text": self.text, "seconds": round(self.seconds, 2),
                 **measured, "problem": self.problem}
 

@@ -47,7 +47,7 @@ def write_plot(path: str | os.PathLike[str], session_id: int, drifts: list[Drift
         ax.set_ylabel("similarity to the reference")
         ax.set_title(f"conversation {session_id}: voice similarity per turn")
         if measured:
-            ax.legend(loc="lower left", fontsize=7)
+            ax.legend(loc="best", fontsize=7)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # turns are whole numbers
         fig.tight_layout()
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
