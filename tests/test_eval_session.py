@@ -107,7 +107,12 @@ def test_eval_session_table_mean_slope_plot_and_json(tiny_model_dir: Path, data_
     assert voice["reference"] == "the reference stored with the conversation" and voice["turns_measured"] == 3
 
 
-def test_eval_session_errors(tiny_model_dir: Path) -> None:
+def test_eval_session_errors(tiny_model_dir: Path, data_dir: Path) -> None:
+    bad_reference = companion("eval", "session", "1", "--reference", str(data_dir / "not_audio.wav"))
+    assert bad_reference.returncode == 1
+    assert bad_reference.stderr.splitlines() == [
+        f"error: {data_dir / 'not_audio.wav'}: not a readable audio file (Format not recognised.): use a WAV, MP3, "
+        "FLAC or OGG file, or re-export it"]
     none_yet = companion("eval", "session", "1", "--model", str(tiny_model_dir))
     assert none_yet.returncode == 1
     assert none_yet.stderr.splitlines() == ["error: no conversations yet: start one with `companion chat`"]

@@ -101,6 +101,11 @@ def _session(args: argparse.Namespace) -> int:
 
     if args.plot is not None:
         _check_plotting()
+    override = None
+    if args.reference is not None:  # a bad file fails now, before the model loads
+        from companion.eval.clips import load_clip
+
+        override = load_clip(args.reference)
     path = get_paths().history_db
     if not path.exists():
         raise CompanionError("no conversations yet: start one with `companion chat`")
@@ -118,7 +123,7 @@ def _session(args: argparse.Namespace) -> int:
             f"{engine.num_codebooks}: measure it with the model it was made with ({record.model_key})"
         )
     names = list(dict.fromkeys(t.voice for t in turns))
-    refs = references(names, stored, engine.decode, engine.sample_rate, args.reference)
+    refs = references(names, stored, engine.decode, engine.sample_rate, override)
     with _progress(len(turns), quiet=args.json) as step:
         rows = score_turns(turns, refs, engine.decode, engine.sample_rate, step)
     drifts = drift(rows, refs)
@@ -134,7 +139,7 @@ def _session(args: argparse.Namespace) -> int:
         _print_session(args.id, rows, drifts, refs)
         if args.plot is not None:
             print(f"wrote {args.plot}")
-    return 0
+    return 0 if any(d.scores for d in drifts) else 1  # nothing measured: a script must not read it as a result
 
 
 def _print_session(session_id: int, rows: list[TurnScore], drifts: list[Drift], refs: dict[str, Any]) -> None:

@@ -83,12 +83,12 @@ class Drift:
 
 
 def references(names: list[str], stored: list[VoiceRecord], decode: Decode, rate: int,
-               override: Path | None = None, profiles: VoiceStore | None = None) -> dict[str, Reference]:
+               override: Clip | None = None, profiles: VoiceStore | None = None) -> dict[str, Reference]:
     """The reference of each voice in ``names``: ``override`` for all of them when given, else the voice
     profile's recordings, else the reference stored with the conversation (decoded)."""
-    if override is not None:
-        shared = _embed_reference("", str(override), lambda: load_clip(override))
-        return {n: Reference(n, shared.source, shared.embedding, shared.band_limited, shared.problem) for n in names}
+    if override is not None:  # a recording the user named: any problem with it is the command's error
+        embedding = embed(override)
+        return {n: Reference(n, override.name, embedding, override.band_limited) for n in names}
     profiles = profiles or VoiceStore()
     saved = {v.name: v for v in stored}
     out: dict[str, Reference] = {}
