@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         description="Score every saved turn of conversation ID (see `companion history list`) against its "
         "voice's reference recording (the voice profile's audio, else the reference the conversation stored). "
         "Decodes the stored speech, so it takes the model options.")
-    session.add_argument("id", type=int, help="the conversation's number (from `companion history list`)")
+    session.add_argument("id", metavar="ID", type=int, help="the conversation's number (from `companion history list`)")
     session.add_argument("--reference", type=Path, metavar="FILE", help="compare with this recording instead")
     session.add_argument("--plot", type=Path, metavar="FILE", help="also draw similarity per turn to a PNG file")
     add_model_arguments(session)
