@@ -19,14 +19,14 @@ HELP = "list, show and export past conversations"
 DESCRIPTION = (
     "Past conversations, from the history database in the data folder: `list` them (newest first), `show ID` "
     "one (voices and turns), `export ID FILE.wav` its audio (decodes the stored codes, so it takes --model). "
-    "Resume one in the app with `companion chat --resume ID`."
+    "Resume one in the app with `companion chat --resume ID`. Without ACTION: list."
 )
 FRAME_RATE = 12.5  # Mimi frames per second
 GAP_SECONDS = 0.25  # silence between turns in an export
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    sub = parser.add_subparsers(dest="action", metavar="ACTION")  # none: list
     ls = sub.add_parser("list", help="the conversations, newest first")
     ls.add_argument("--limit", type=int, default=20, help="show at most this many (default 20)")
     show = sub.add_parser("show", help="one conversation's voices and turns")
@@ -46,8 +46,8 @@ def run(args: argparse.Namespace) -> int:
         print("no conversations yet: start one with `companion chat`")
         return 0
     with Store(path) as store:
-        if args.action == "list":
-            return _list(store, args.limit)
+        if args.action in (None, "list"):
+            return _list(store, getattr(args, "limit", 20))
         if args.action == "show":
             return _show(store, args.id)
         return _export(store, args)

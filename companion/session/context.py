@@ -20,10 +20,9 @@ import torch
 
 from companion.engine import Segment
 from companion.errors import CompanionError
+from companion.refbudget import MIN_TEXT_POSITIONS, longest_reference_seconds
 
-# Positions kept free for the text of a reply when a reference is checked at load time (a sentence
-# or two with the Llama-3 tokenizer). The exact text is counted again before every segment.
-MIN_TEXT_POSITIONS = 48
+__all__ = ["MIN_TEXT_POSITIONS", "Context", "ContextRow", "TextTooLong", "Turn", "Voice"]
 
 
 @dataclass
@@ -102,9 +101,7 @@ class Context:
         assert voice.codes is not None
         frames = int(voice.codes.shape[-1])
         duration = frames / self.frame_rate
-        # A shorter clip of the same speech costs its frames plus proportionally fewer text tokens.
-        per_second = self.frame_rate + (voice.positions - frames - 1) / max(duration, 1e-6)
-        fit_s = max(0.0, (room - 1) / per_second)
+        fit_s = longest_reference_seconds(frames, voice.positions, room, self.frame_rate)
         return (
             f"voice '{voice.name}': its reference ({duration:.1f} s, {voice.positions} positions) "
             f"does not fit the context ({self.max_seq_len} positions, {room} left after the reply's frames): "

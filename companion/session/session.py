@@ -33,9 +33,9 @@ from companion.session.audio import AudioLog, TurnStats, output_marker
 from companion.session.context import MIN_TEXT_POSITIONS, Context, ContextRow, TextTooLong, Turn, Voice
 from companion.session.script import assign_voices, is_clear, parse_line
 from companion.store import Store, TurnRecord, VoiceRecord
-from companion.text import prepare
+from companion.text import NOTHING_TO_SAY, prepare
+from companion.voices import DEFAULT_VOICE
 
-DEFAULT_VOICE = "default"  # the voice used when none is chosen (a profile with no reference audio)
 STATS_KEPT = 200
 
 
@@ -159,6 +159,8 @@ class Session:
             return iter(())
         default = voice or self.active or self.settings.voice or DEFAULT_VOICE
         parts = parse_line(text, self.known_voices())
+        if not any(prepare(p.text) for p in parts):  # before any voice is loaded or any model work
+            raise CompanionError(NOTHING_TO_SAY)
         order = list(self.context.voices) or [default]
         voiced = [(self._voice(name), part) for name, part in assign_voices(parts, order, default)]
         if self.active is None and voiced:
