@@ -176,7 +176,7 @@ class Session:
                 for piece in self._fit_text(voice, seg_text):
                     if cancel is not None and cancel.is_set():
                         return
-                    yield from self._speak_segment(voice, piece, cancel)
+                    yield from self._speak_segment(voice, piece, cancel, typed=text)
 
     def _fit_text(self, voice: Voice, text: str) -> list[str]:
         """``text``, or its halves (recursively, between words) when references + text + reply cannot fit."""
@@ -191,7 +191,8 @@ class Session:
         half = len(words) // 2
         return self._fit_text(voice, " ".join(words[:half])) + self._fit_text(voice, " ".join(words[half:]))
 
-    def _speak_segment(self, voice: Voice, text: str, cancel: threading.Event | None) -> Iterator[np.ndarray]:
+    def _speak_segment(self, voice: Voice, text: str, cancel: threading.Event | None,
+                       typed: str | None = None) -> Iterator[np.ndarray]:
         opts = self.options(voice)
         bootstrap = voice.codes is None
         if bootstrap:  # no context: the voice must not depend on what was said before
@@ -222,9 +223,9 @@ class Session:
             return  # cancelled, or the model ended at once: nothing to keep
         all_codes = torch.cat(codes, dim=1)
         if bootstrap:
-            self._adopt_reference(voice, text, all_codes, np.concatenate(heard), stats)
+            self._adopt_reference(voice, text, all_codes, np.concatenate(heard), stats, typed)
         else:
-            self._keep_turn(voice, text, all_codes, stats)
+            self._keep_turn(voice, text, all_codes, stats, typed)
         self.log.append(np.concatenate(heard))
 
     def _stats(self, voice: Voice, text: str, codes: list[torch.Tensor], start: float, first_ms: float | None,
@@ -254,16 +255,18 @@ class Session:
             )
         return min(self.max_frames(), room)
 
-    def _keep_turn(self, voice: Voice, text: str, codes: torch.Tensor, stats: TurnStats) -> None:
+    def _keep_turn(self, voice: Voice, text: str, codes: torch.Tensor, stats: TurnStats, typed: str | None = None) -> None:
         seq = self._next_seq
         if self.store is not None:
-            record = TurnRecord(voice.name, voice.speaker, text, codes, first_audio_ms=stats.first_audio_ms, rtf=stats.rtf)
+            record = TurnRecord(voice.name, voice.speaker, text, codes, first_audio_ms=stats.first_audio_ms, rtf=stats.rtf,
+                                typed=typed)
             seq = self.store.add_turn(self._session_id(), record, self.context.first_seq())
         seg = Segment(voice.speaker, text, codes)
         self.context.append(Turn(seq, voice.name, voice.speaker, text, codes, self.engine.segment_positions(seg)))
         self._next_seq = seq + 1
 
-    def _adopt_reference(self, voice: Voice, text: str, codes: torch.Tensor, audio: np.ndarray, stats: TurnStats) -> None:
+    def _adopt_reference(self, voice: Voice, text: str, codes: torch.Tensor, audio: np.ndarray, stats: TurnStats,
+                         typed: str | None = None) -> None:
         """Pin a bootstrap segment as the voice's reference; record it; save it with the profile."""
         voice.codes, voice.transcript = codes, text
         evicted = self.context.pin(voice, self.max_frames())
@@ -274,7 +277,7 @@ class Session:
             for name in evicted:
                 self.store.remove_voice(self._session_id(), name)
             record = TurnRecord(voice.name, voice.speaker, text, codes, kind="reference",
-                                first_audio_ms=stats.first_audio_ms, rtf=stats.rtf)
+                                first_audio_ms=stats.first_audio_ms, rtf=stats.rtf, typed=typed)
             seq = self.store.add_turn(self._session_id(), record, self.context.first_seq(), voice=_record(voice))
         self._next_seq = seq + 1
         if self.voice_store is not None and voice.profile is not None:
