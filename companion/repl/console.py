@@ -38,6 +38,7 @@ class RichPrinter:
     def __init__(self, console: Console, errors: Console | None = None) -> None:
         self.console = console
         self.errors = errors or console
+        self.errors_shown = 0
 
     def info(self, text: str) -> None:
         self.console.print(Text(text, style="cyan"))
@@ -49,6 +50,7 @@ class RichPrinter:
         self.errors.print(Text("warning: ", style="bold yellow") + Text(text))
 
     def error(self, text: str) -> None:
+        self.errors_shown += 1
         self.errors.print(Text("error: ", style="bold red") + Text(text))
 
     def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:

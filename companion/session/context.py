@@ -127,6 +127,22 @@ class Context:
         """Positions of references + turns (what the next prompt holds before its text)."""
         return self.reference_positions() + sum(t.positions for t in self.turns)
 
+    def overflow(self, reserve: int) -> int:
+        """How many of the oldest turns the next reply drops whatever its text: they no longer fit
+        beside the references and the ``reserve`` frames (a reply just kept may push them out)."""
+        used, budget, dropped = self.used(), self.max_seq_len - reserve, 0
+        for turn in self.turns:
+            if used <= budget:
+                break
+            used -= turn.positions
+            dropped += 1
+        return dropped
+
+    def in_memory(self, reserve: int) -> int:
+        """Positions of the references and the turns the next prompt can still hold (never over the budget
+        unless the references alone are)."""
+        return self.used() - sum(t.positions for t in list(self.turns)[: self.overflow(reserve)])
+
     def budget(self, reserve: int, text_positions: int) -> int:
         return self.max_seq_len - reserve - text_positions
 
@@ -159,10 +175,13 @@ class Context:
             ContextRow(f"reference {v.name} ({_seconds(v.codes, self.frame_rate)})", v.positions, True)
             for v in self.voices.values() if v.positions
         ]
+        gone = self.overflow(reserve)
         rows += [
             ContextRow(f"turn {t.seq} {t.voice}: {_short(t.text)} ({_seconds(t.codes, self.frame_rate)})", t.positions, False)
-            for t in self.turns
+            for t in list(self.turns)[gone:]
         ]
+        if gone:
+            rows.append(ContextRow(f"{gone} older turn(s): no longer fit, dropped at the next reply", 0, False))
         rows.append(ContextRow("reserved for the next reply", reserve, False))
         return rows
 

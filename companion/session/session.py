@@ -136,8 +136,8 @@ class Session:
         return GenerationOptions(max_frames=self.max_frames(), **values)
 
     def context_used(self) -> int:
-        """Positions the next prompt holds before its text."""
-        return self.context.used()
+        """Positions the next prompt holds before its text (turns that no longer fit not counted)."""
+        return self.context.in_memory(self.max_frames())
 
     def context_budget(self) -> int:
         """Positions available to references + turns + the next text."""
