@@ -162,5 +162,22 @@ def test_not_a_tty_reads_lines_from_stdin(tmp_path: Path, companion_home: Path, 
     assert "Traceback" not in out.stderr and "\x1b[" not in out.stdout  # plain text when piped
 
 
+def test_keys_typed_while_the_voice_is_prepared_wait_for_the_prompt(tmp_path: Path, companion_home: Path,
+                                                                  terminal_env, tiny_model_dir):
+    """Typing during "preparing voice …" echoes nothing into the spinner line; the prompt gets the keys."""
+    term = Tmux([*COMPANION, "chat", "--model", str(tiny_model_dir), "--voice", "narrator"], terminal_env, cwd=tmp_path)
+    try:
+        term.wait_for(r"preparing voice narrator", timeout=300, poll=0.005)  # encoding 118 s of reference
+        term.keys("-l", "early words")
+        term.wait_for(r"you› early words", timeout=300)
+        text = term.transcript()
+        term.keys("C-u", "C-d")
+        assert term.exit_code(timeout=60) == 0
+    finally:
+        term.close()
+    print(text)
+    assert text.count("early words") == 1, text  # only on the prompt line, not echoed above it
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-s"]))

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +55,7 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from companion.repl.app import run_interactive, run_lines
-    from companion.repl.console import make_console
+    from companion.repl.console import make_console, typing_held
 
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     console = make_console(interactive=interactive)
@@ -63,8 +63,9 @@ def run(args: argparse.Namespace) -> int:
     check_before_loading(settings, args.resume)
     save_dir = args.save_dir.expanduser() if args.save_dir else get_paths().audio_dir
     with ExitStack() as stack:
-        output = open_speech_output(settings, args.save_dir, console)
-        session = stack.enter_context(load_session(settings, console, resume=args.resume))
+        with typing_held(sys.stdin) if interactive else nullcontext():  # no keys echoed into the spinner
+            output = open_speech_output(settings, args.save_dir, console)
+            session = stack.enter_context(load_session(settings, console, resume=args.resume))
         ctx = build_context(session, settings, output, save_dir, console, debug=_debug(args))
         stack.callback(ctx.worker.close)
         if interactive:

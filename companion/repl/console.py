@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TextIO
 
 from rich.console import Console
 from rich.table import Table
@@ -26,6 +28,30 @@ def _terminal_width() -> int:
         return os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
     except (AttributeError, OSError, ValueError):
         return shutil.get_terminal_size((100, 24)).columns
+
+
+@contextmanager
+def typing_held(stream: TextIO) -> Iterator[None]:
+    """While the model and the voice load: keys typed are not echoed (they would land in the spinner's
+    line) but kept by the terminal, so the prompt receives them when it starts."""
+    try:
+        import termios
+    except ImportError:  # Windows: nothing to do
+        yield
+        return
+    try:
+        fd = stream.fileno()
+        saved = termios.tcgetattr(fd)
+        quiet = list(saved)
+        quiet[3] &= ~termios.ECHO  # lflags: no echo; canonical input stays on, so nothing is lost
+        termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    except (OSError, ValueError, termios.error):  # not a terminal
+        yield
+        return
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 def error_console() -> Console:
