@@ -57,3 +57,19 @@ def test_save_all_takes_the_file_name_in_either_order(arg: str, tmp_path: Path, 
     audio, rate = sf.read(str(tmp_path / "talk.wav"), dtype="float32")
     assert rate == 24000 and len(audio) == 4800 and np.allclose(audio, 0.25, atol=1e-4)  # the whole conversation
     assert ui.lines == ["saved 0.2 s to talk.wav"]
+
+
+def test_chat_refuses_nothing_to_say_before_loading_a_voice(tiny_engine) -> None:
+    """In chat the line reaches Session.speak: it is refused there, before the voice is prepared or any frame."""
+    from companion.config import load_settings
+    from companion.errors import CompanionError
+    from companion.session import Session
+    from companion.text import NOTHING_TO_SAY
+    from companion.voices import VoiceStore
+
+    session = Session(tiny_engine, load_settings(), None, VoiceStore())
+    for line in ["😀🎉🔥", "\x1b[31m\x07", "narrator: 🎉"]:
+        with pytest.raises(CompanionError) as refused:
+            session.speak(line)
+        assert str(refused.value) == NOTHING_TO_SAY
+    assert session.context.voices == {} and session.active is None and list(session.stats) == []

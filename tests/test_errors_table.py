@@ -55,6 +55,8 @@ CASES: list[tuple[str, str]] = [
     ("detect in a file that is not audio", "companion watermark detect random_bytes.mp3"),
     ("detect in a clip too short to judge", "companion watermark detect short.wav"),
     ("watermark without an action", "companion watermark"),
+    ("a script line with nothing to say", "companion batch script.txt -o out --model no-model-here"),
+    ("a script with an unknown voice", "companion batch lines.txt -o out --voice nosuch --model no-model-here"),
 ]
 
 
@@ -63,6 +65,8 @@ def _sandbox(folder: Path, home: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "random_bytes.mp3").write_bytes(bytes((i * 7919 + 13) % 251 for i in range(6000)))
     (folder / "notes.wav").write_text("these are notes, not audio\n", encoding="utf-8")
+    (folder / "script.txt").write_text("Hello there.\n🎉🎉\nGoodbye.\n", encoding="utf-8")
+    (folder / "lines.txt").write_text("Hello there.\n", encoding="utf-8")
     shutil.copy(DATA / "guest.mp3", folder / "speech.mp3")
     import numpy as np
     import soundfile as sf
