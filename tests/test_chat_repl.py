@@ -168,7 +168,10 @@ def test_keys_typed_while_the_voice_is_prepared_wait_for_the_prompt(tmp_path: Pa
     term = Tmux([*COMPANION, "chat", "--model", str(tiny_model_dir), "--voice", "narrator"], terminal_env, cwd=tmp_path)
     try:
         term.wait_for(r"preparing voice narrator", timeout=300, poll=0.005)  # encoding 118 s of reference
+        echoes = term.tty_echoes()
         term.keys("-l", "early words")
+        still_preparing = "you›" not in term.transcript()
+        assert still_preparing and not echoes  # the terminal did not echo the keys while the voice was prepared
         term.wait_for(r"you› early words", timeout=300)
         text = term.transcript()
         term.keys("C-u", "C-d")
