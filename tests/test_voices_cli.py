@@ -52,7 +52,7 @@ def test_round_trip_on_narrator_and_guest(data_dir: Path) -> None:
     assert show.returncode == 0
     for expected in ["voice:      guest", f"profile:    {voices / 'guest.yaml'}", "speaker:    1",
                      "transcript: Honestly, I had a long day. (6 words)", "generation: temperature=0.7",
-                     "guest.mp3: 24000 Hz x1, 19.9 s -> "]:
+                     "guest.mp3: 24000 Hz x1, 19.9 s -> ", "memory: the reference takes "]:
         assert expected in show.stdout
 
     for name in ["guest", "narrator"]:

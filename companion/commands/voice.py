@@ -170,9 +170,13 @@ def _show(args: argparse.Namespace, console: Console) -> int:
         console.print("generation: " + ", ".join(f"{k}={v}" for k, v in profile.generation.as_dict().items()))
     if files:
         from companion.audio.prepare import prepare_references
+        from companion.refbudget import reference_cost
 
-        prepared = prepare_references(files, settings_from_args(args).reference)
+        settings = settings_from_args(args)
+        prepared = prepare_references(files, settings.reference)
         _print_reports(console, prepared.reports, prepared.seconds)
+        cost = reference_cost(settings, len(prepared.samples), transcript or "", profile.speaker)
+        console.print(cost.summary() if cost.fits else f"memory: {cost.refusal(profile.name)}")
     return 0
 
 
