@@ -51,6 +51,7 @@ CASES: list[tuple[str, str]] = [
     ("a folder that does not exist", "companion say Hello -o nowhere/hello.wav --model no-model-here"),
     ("resume with no history", "companion chat --resume --model no-model-here"),
     ("an unknown voice in chat", "companion chat --voice nosuch --model no-model-here"),
+    ("a file given as the folder for replies", "companion chat --save-dir notes.wav --model no-model-here"),
     ("export to a non-WAV name", "companion history export 1 talk.mp3"),
     ("detect in a file that is not audio", "companion watermark detect random_bytes.mp3"),
     ("detect in a clip too short to judge", "companion watermark detect short.wav"),

@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     console = make_console(interactive=interactive)
     settings = settings_for(args)
     check_before_loading(settings, args.resume)
+    if args.save_dir is not None and args.save_dir.expanduser().exists() and not args.save_dir.expanduser().is_dir():
+        raise UsageError(f"{args.save_dir}: --save-dir is a file: give a folder (it is created if missing)")
     save_dir = args.save_dir.expanduser() if args.save_dir else get_paths().audio_dir
     with ExitStack() as stack:
         with typing_held(sys.stdin) if interactive else nullcontext():  # no keys echoed into the spinner
