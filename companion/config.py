@@ -23,9 +23,9 @@ class ModelSettings(Schema):
 
 
 class GenerationSettings(Schema):
-    temperature: float = Field(0.9, ge=0.0, le=5.0)
+    temperature: float = Field(0.9, ge=0.0, le=5.0, allow_inf_nan=False)
     topk: int = Field(50, ge=1, le=2051)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
     max_segment_seconds: float = Field(25.0, gt=0.0, le=60.0)
 
 

@@ -66,6 +66,10 @@ MIGRATIONS: list[str] = [
         UNIQUE (session_id, seq)
     );
     """,
+    # 1 -> 2: what the user typed, beside the text that was spoken (numbers, symbols, markup rewritten);
+    # NULL in turns recorded before. (No SQL comment here: SQLite splices the column into the table's
+    # CREATE text, where a comment would swallow the closing parenthesis.)
+    "ALTER TABLE turns ADD COLUMN typed TEXT",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -112,6 +116,7 @@ class TurnRecord:
     audio_path: str | None = None
     first_audio_ms: float | None = None
     rtf: float | None = None
+    typed: str | None = None  # the line (or part of it) as the user typed it; ``text`` is what was spoken
 
 
 @dataclass
@@ -240,9 +245,9 @@ class Store:
             stamp = now()
             db.execute(
                 "INSERT INTO turns (session_id, seq, kind, created_at, voice, speaker, text, codes, codes_k, codes_t, "
-                "audio_path, first_audio_ms, rtf) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "audio_path, first_audio_ms, rtf, typed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (session_id, seq, turn.kind, stamp, turn.voice, turn.speaker, turn.text, blob, k, t, turn.audio_path,
-                 turn.first_audio_ms, turn.rtf),
+                 turn.first_audio_ms, turn.rtf, turn.typed),
             )
             db.execute(
                 "UPDATE sessions SET updated_at = ?, context_start = ? WHERE id = ?",
@@ -289,7 +294,8 @@ class Store:
     def turns(self, session_id: int, from_seq: int = 1) -> list[TurnRecord]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT voice, speaker, text, codes, codes_k, codes_t, kind, seq, created_at, audio_path, first_audio_ms, rtf "
+                "SELECT voice, speaker, text, codes, codes_k, codes_t, kind, seq, created_at, audio_path, first_audio_ms, rtf, "
+                "typed "
                 "FROM turns WHERE session_id = ? AND seq >= ? ORDER BY seq",
                 (session_id, from_seq),
             ).fetchall()

@@ -32,15 +32,16 @@ if TYPE_CHECKING:
 
     from companion.refcache import ReferenceCache
 
+DEFAULT_VOICE = "default"  # the voice used when none is chosen (a profile with no reference audio at first)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
 class GenerationOverrides(Schema):
     """Per-voice generation settings; unset ones come from the config."""
 
-    temperature: float | None = Field(default=None, ge=0.0, le=5.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=5.0, allow_inf_nan=False)
     topk: int | None = Field(default=None, ge=1, le=2051)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if v is not None}
@@ -149,8 +150,21 @@ def read_transcript(path: Path) -> str:
     return text
 
 
+@dataclass(frozen=True)
+class BrokenProfile:
+    """A profile file that cannot be read: the other voices keep working, this one reports its error."""
+
+    name: str  # the name the file declares, else its file name without the extension
+    path: Path
+    error: str  # the one-line error (naming the file)
+
+
 class VoiceStore:
-    """The voice profiles: the user's (``paths.voices_dir``) over the shipped examples."""
+    """The voice profiles: the user's (``paths.voices_dir``) over the shipped examples.
+
+    A profile that cannot be read is not a reason to refuse the others: it is kept aside
+    (``broken()``) and only using that voice raises its error.
+    """
 
     def __init__(self, paths: Paths | None = None, shipped_dir: Path | None = None) -> None:
         self.paths = paths or get_paths()
@@ -161,16 +175,44 @@ class VoiceStore:
         return self.paths.voices_dir
 
     def list(self) -> list[VoiceProfile]:
-        merged = {**self._load_dir(self.shipped_dir), **self._load_dir(self.user_dir)}
-        return [merged[name] for name in sorted(merged)]
+        merged = self._merged()
+        return [p for name, p in sorted(merged.items()) if isinstance(p, VoiceProfile)]
+
+    def broken(self) -> builtins.list[BrokenProfile]:
+        """The profiles that cannot be read (a user file shadowing a shipped voice included)."""
+        user_good, user_broken = self._scan(self.user_dir)
+        shipped_broken = [b for b in self._scan(self.shipped_dir)[1] if b.name not in user_good]
+        return sorted(user_broken + shipped_broken, key=lambda b: (b.name, str(b.path)))
+
+    def problem(self, profile: VoiceProfile) -> str | None:
+        """Why ``profile`` cannot be used (a missing audio or transcript file), or None."""
+        try:
+            profile.audio_paths(self.paths)
+            profile.transcript_text(self.paths)
+        except CompanionError as err:
+            return str(err)
+        return None
+
+    def _merged(self) -> dict[str, VoiceProfile | BrokenProfile]:
+        """name -> the profile that counts (a user file over a shipped one), good or broken."""
+        merged: dict[str, VoiceProfile | BrokenProfile] = {}
+        for directory in (self.shipped_dir, self.user_dir):
+            good, broken = self._scan(directory)
+            for b in broken:
+                if b.name not in good:
+                    merged[b.name] = b
+            merged.update(good)
+        return merged
 
     def names(self) -> builtins.list[str]:
         return [p.name for p in self.list()]
 
     def get(self, name: str) -> VoiceProfile:
-        for profile in self.list():
-            if profile.name == name:
-                return profile
+        found = self._merged().get(name)
+        if isinstance(found, VoiceProfile):
+            return found
+        if isinstance(found, BrokenProfile):
+            raise CompanionError(found.error)
         known = ", ".join(self.names()) or "none yet"
         raise CompanionError(f"unknown voice '{name}' (voices: {known}): add it with `companion voice add {name} --audio FILE ...`")
 
@@ -180,8 +222,13 @@ class VoiceStore:
     def add(self, profile: VoiceProfile, *, force: bool = False) -> Path:
         """Save a new profile; an existing voice of that name is an error unless ``force``."""
         profile.check()
-        existing = {p.name: p for p in self.list()}.get(profile.name)
-        if existing is not None and not force:
+        existing = self._merged().get(profile.name)
+        if isinstance(existing, BrokenProfile) and not force:
+            raise CompanionError(
+                f"voice '{profile.name}' already exists but cannot be read ({existing.error}): "
+                "fix that file, or pass --force to replace it"
+            )
+        if isinstance(existing, VoiceProfile) and not force:
             raise CompanionError(
                 f"voice '{profile.name}' already exists ({existing.where()}): choose another name or pass --force to replace it"
             )
@@ -191,7 +238,8 @@ class VoiceStore:
         """Write ``profile`` atomically to the user's voices folder (a shipped one is copied there)."""
         profile.check()
         current = self._load_dir(self.user_dir).get(profile.name)
-        target = current.path if current and current.path else self.user_dir / f"{profile.name}.yaml"
+        broken = [b.path for b in self._scan(self.user_dir)[1] if b.name == profile.name]
+        target = current.path if current and current.path else (broken[0] if broken else self.user_dir / f"{profile.name}.yaml")
         assert target is not None
         self._rebase(profile, target.parent)
         atomic_write_text(target, profile.to_yaml())
@@ -225,18 +273,28 @@ class VoiceStore:
         return updated
 
     def _load_dir(self, directory: Path) -> dict[str, VoiceProfile]:
+        return self._scan(directory)[0]
+
+    def _scan(self, directory: Path) -> tuple[dict[str, VoiceProfile], builtins.list[BrokenProfile]]:
+        """The readable profiles in ``directory`` by name, and the files that are not."""
         found: dict[str, VoiceProfile] = {}
+        broken: builtins.list[BrokenProfile] = []
         files = sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml")) if directory.is_dir() else []
         for file in files:
-            profile = load_yaml(file, VoiceProfile, allow_empty=False)
-            profile._path = file
-            profile.check()
+            try:
+                profile = load_yaml(file, VoiceProfile, allow_empty=False)
+                profile._path = file
+                profile.check()
+            except CompanionError as err:
+                broken.append(BrokenProfile(_declared_name(file), file, str(err)))
+                continue
             if profile.name in found:
-                raise CompanionError(
+                broken.append(BrokenProfile(profile.name, file, (
                     f"{file}: duplicate voice name '{profile.name}' (also in {found[profile.name].path}): rename one of them"
-                )
+                )))
+                continue
             found[profile.name] = profile
-        return found
+        return found, broken
 
     def _rebase(self, profile: VoiceProfile, new_dir: Path) -> None:
         """Relative paths that only resolve from the profile's old folder become absolute."""
@@ -251,6 +309,16 @@ class VoiceStore:
         profile.audio = [fix(ref) for ref in profile.audio]
         if profile.transcript_file is not None:
             profile.transcript_file = fix(profile.transcript_file)
+
+
+def _declared_name(file: Path) -> str:
+    """The ``name:`` a profile file declares, read leniently; else the file name without extension."""
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return file.stem
+    name = data.get("name") if isinstance(data, dict) else None
+    return name if isinstance(name, str) and NAME_RE.match(name) else file.stem
 
 
 class ReferenceEncoder(Protocol):

@@ -44,6 +44,13 @@ class Tmux:
     def keys(self, *keys: str) -> None:
         self._tmux("send-keys", "-t", self.name, *keys)
 
+    def tty_echoes(self) -> bool:
+        """Whether the pane's terminal echoes typed keys now (its termios ECHO flag, read with stty)."""
+        tty = self._tmux("display-message", "-p", "-t", self.name, "#{pane_tty}").strip()
+        with open(tty) as stream:
+            flags = subprocess.run(["stty", "-a"], stdin=stream, capture_output=True, text=True, timeout=10).stdout
+        return " echo " in f" {flags.replace(chr(10), ' ').replace(';', ' ')} "
+
     def screen(self) -> str:
         return self._tmux("capture-pane", "-p", "-t", self.name)
 

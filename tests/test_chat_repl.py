@@ -153,13 +153,33 @@ def test_not_a_tty_reads_lines_from_stdin(tmp_path: Path, companion_home: Path, 
         env=terminal_env, timeout=600, cwd=tmp_path,
     )
     print(out.stdout, out.stderr, sep="\n")
-    assert out.returncode == 0
+    assert out.returncode == 1  # the other lines were spoken; the exit code says one line failed
     assert "error: unknown command /nope: did you mean" in out.stdout
     assert "seed: 7" in out.stdout and re.search(r"turns spoken\s+│\s+2", out.stdout)
     assert "warning" not in out.stdout + out.stderr  # --save-dir: no device wanted, none missed
     files = sorted((tmp_path / "replies").glob("*.wav"))
     assert len(files) == 2 and all(soundfile.info(str(f)).samplerate == 24000 for f in files)
     assert "Traceback" not in out.stderr and "\x1b[" not in out.stdout  # plain text when piped
+
+
+def test_keys_typed_while_the_voice_is_prepared_wait_for_the_prompt(tmp_path: Path, companion_home: Path,
+                                                                  terminal_env, tiny_model_dir):
+    """Typing during "preparing voice …" echoes nothing into the spinner line; the prompt gets the keys."""
+    term = Tmux([*COMPANION, "chat", "--model", str(tiny_model_dir), "--voice", "narrator"], terminal_env, cwd=tmp_path)
+    try:
+        term.wait_for(r"preparing voice narrator", timeout=300, poll=0.005)  # encoding 118 s of reference
+        echoes = term.tty_echoes()
+        term.keys("-l", "early words")
+        still_preparing = "you›" not in term.transcript()
+        assert still_preparing and not echoes  # the terminal did not echo the keys while the voice was prepared
+        term.wait_for(r"you› early words", timeout=300)
+        text = term.transcript()
+        term.keys("C-u", "C-d")
+        assert term.exit_code(timeout=60) == 0
+    finally:
+        term.close()
+    print(text)
+    assert text.count("early words") == 1, text  # only on the prompt line, not echoed above it
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ def test_voices_are_counted(companion_home: Path, capsys: pytest.CaptureFixture[
     voices = companion_home / "data" / "voices"
     voices.mkdir(parents=True)
     for name in ("a.yaml", "b.yml", "notes.txt"):
-        (voices / name).write_text("name: x\n", encoding="utf-8")
+        (voices / name).write_text(f"name: {name[0]}\n", encoding="utf-8")
     code, out, _ = _doctor(capsys)
     assert code == 0 and f"2 yours in {voices}" in _row(out, "voices")
 

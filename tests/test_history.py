@@ -34,7 +34,7 @@ def _record_conversation(tiny_model_dir: Path, data_dir: Path) -> tuple[int, lis
     with Store() as store:
         session = Session(engine, settings, store, VoiceStore())
         session.use_voice("guest")
-        for line in ("Yes.", "Right.", "$CLEAR$", "Sure."):
+        for line in ("Yes.", "Right.", "$CLEAR$", "Sure, 2."):
             list(session.speak(line))
         assert session.session_id is not None
         return session.session_id, [engine.decode(t.codes) for t in store.turns(session.session_id)]
@@ -56,10 +56,12 @@ def test_list_show_export(tiny_model_dir: Path, data_dir: Path, tmp_path: Path) 
     turn_lines = [ln for ln in out.splitlines() if ln[:4].strip().isdigit()]
     assert [ln.split()[0] for ln in turn_lines] == ["1", "2", "3"]
     assert "[not in memory]" in turn_lines[0] and "[not in memory]" in turn_lines[1]  # forgotten by $CLEAR$
-    assert turn_lines[2].endswith("Sure.") and "[" not in turn_lines[2]
+    assert turn_lines[2].endswith("Sure, two.") and "[" not in turn_lines[2]
+    typed = [ln.split("typed:")[1].strip() for ln in out.splitlines() if ln.strip().startswith("typed:")]
+    assert typed == ["Sure, 2."]  # what the user typed is kept beside what was spoken
 
     wav = tmp_path / "conv.wav"
-    exported = companion("history", "export", str(sid), str(wav), "--model", str(tiny_model_dir))
+    exported = companion("history", "export", str(sid), str(wav))  # the model it was recorded with
     assert exported.returncode == 0, exported.stderr
     audio, rate = sf.read(str(wav), dtype="float32")
     assert rate == 24000

@@ -113,3 +113,20 @@ def test_a_new_voice_unpins_the_earliest_voices_when_both_cannot_fit(engine: Eng
     assert ctx.pin(Voice("c", 2, "ref", _codes(150)), reserve=50) == ["a"]  # a + b + c do not fit; b + c do
     assert list(ctx.voices) == ["b", "c"] and len(ctx.turns) == 1  # the turns stay
     assert ctx.reference_positions() <= 400 - 50 - MIN_TEXT_POSITIONS
+
+
+def test_the_report_never_shows_more_used_than_the_budget(engine: Engine) -> None:
+    """A reply just kept can push the oldest turns out: /context shows them as dropped, not as used."""
+    ctx = Context(400, engine.segment_positions)
+    ctx.pin(Voice("v", 0, "ref", _codes(100)), reserve=50)
+    for i in range(1, 10):
+        ctx.append(_turn(engine, i, 20))
+    assert ctx.used() > 400 - 50  # more than the budget until the next reply prunes
+    gone = ctx.overflow(50)
+    rows = ctx.report(50)
+    assert gone > 0 and ctx.in_memory(50) <= 400 - 50
+    assert sum(r.positions for r in rows[:-1]) == ctx.in_memory(50)
+    assert rows[-2].what == f"{gone} older turn(s): no longer fit, dropped at the next reply"
+    assert [r.what.split()[1] for r in rows[1:-2]] == [str(i) for i in range(gone + 1, 10)]
+    assert len(ctx.fit(50, 0)) == gone  # what a reply with no text would drop: exactly those
+    assert ctx.in_memory(50) == ctx.used()  # after pruning, nothing overflows

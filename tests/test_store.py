@@ -124,3 +124,24 @@ def test_an_unpinned_voice_is_removed_and_a_new_one_goes_last(tmp_path: Path) ->
         store.remove_voice(sid, "a")
         store.put_voice(sid, VoiceRecord("c", 2, "z", _codes()))
         assert [v.name for v in store.voices(sid)] == ["b", "c"]
+
+
+def test_a_version_1_history_keeps_its_turns_and_gains_the_typed_text(tmp_path: Path) -> None:
+    """A history written before the typed text was kept: its turns read back (typed None), new ones keep both."""
+    from companion.store import MIGRATIONS
+
+    path = tmp_path / "v1.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(MIGRATIONS[0] + "; PRAGMA user_version = 1;")
+    blob, k, t = codes_to_blob(torch.ones(2, 3, dtype=torch.long))
+    db.execute("INSERT INTO sessions (created_at, updated_at, model_key, max_seq_len) VALUES ('a', 'a', 'm', 64)")
+    db.execute("INSERT INTO turns (session_id, seq, created_at, voice, speaker, text, codes, codes_k, codes_t) "
+               "VALUES (1, 1, 'a', 'v', 0, 'ten thirty.', ?, ?, ?)", (blob, k, t))
+    db.commit()
+    db.close()
+    with Store(path) as store:
+        assert store.schema_version == SCHEMA_VERSION
+        old = store.turns(1)[0]
+        assert (old.text, old.typed) == ("ten thirty.", None)
+        store.add_turn(1, TurnRecord("v", 0, "ten forty.", torch.ones(2, 3, dtype=torch.long), typed="10:40"), None)
+        assert [(r.text, r.typed) for r in store.turns(1)] == [("ten thirty.", None), ("ten forty.", "10:40")]

@@ -16,6 +16,10 @@ CASES = [
     ("There were 1,234 people.", "There were one thousand two hundred thirty-four people."),
     ("Pi is 3.14.", "Pi is three point one four."),
     ("It was -5 outside.", "It was minus five outside."),
+    ("Down -3%.", "Down minus three percent."),
+    ("It fell to -3°C.", "It fell to minus three degrees Celsius."),
+    ("The balance is -$3.", "The balance is minus three dollars."),
+    ("A change of -2.5 kg.", "A change of minus two point five kilograms."),
     ("Agent 007 reporting.", "Agent zero zero seven reporting."),
     ("Version 3.2.1 is out.", "Version three point two point one is out."),
     ("We counted 1000000 stars.", "We counted one million stars."),
@@ -35,7 +39,8 @@ CASES = [
     ("Due 03/15/2024.", "Due March fifteenth, twenty twenty-four."),
     ("Due 15/03/2024.", "Due March fifteenth, twenty twenty-four."),
     ("On March 5, 2024 we met.", "On March fifth, twenty twenty-four we met."),
-    ("On the 5th of May we met.", "On the the fifth of May we met."),
+    ("On the 5th of May we met.", "On the fifth of May we met."),
+    ("By 5th of May.", "By the fifth of May."),
     ("From Jan. 3 onward.", "From January third onward."),
     # money
     ("It costs $5.", "It costs five dollars."),
@@ -187,3 +192,12 @@ def test_short_text_is_one_segment_and_empty_is_none() -> None:
     assert prepare("Hello there. How are you?") == ["Hello there. How are you?"]
     assert prepare("   ") == []
     assert prepare("🎉") == []
+
+
+@pytest.mark.parametrize(("typed", "spoken"), [
+    ("Hi \x07\x1b[31mred\x1b[0m", "Hi red."),  # a bell and color codes pasted from a terminal
+    ("\x1b]0;a title\x07Hello\x00 there\x1b[2K", "Hello there."),  # window title, NUL, erase-line
+    ("Tab\tand\nnew line", "Tab and. new line."),  # tabs and line breaks are spacing, not controls
+])
+def test_terminal_escapes_and_control_characters_are_not_spoken(typed: str, spoken: str) -> None:
+    assert normalize(typed) == spoken

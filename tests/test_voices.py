@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -48,17 +49,23 @@ GOOD = "name: bob\nspeaker: 1\naudio: narrator.mp3\ntranscript: Hello there.\n"
 )
 def test_invalid_profiles_give_one_line_errors(text: str, expected: str) -> None:
     path = write_profile(text)
+    store = VoiceStore()
+    assert store.names() == ["narrator"]  # the others keep working
+    [broken] = store.broken()
     with pytest.raises(CompanionError) as err:
-        VoiceStore().list()
+        store.get("bob")  # using it gives its error
     message = str(err.value)
+    assert message == broken.error and broken.path == path
     assert message.startswith(f"{path}: ") and expected in message and "\n" not in message
 
 
 def test_duplicate_names_in_two_files() -> None:
     write_profile("name: bob\n", "a.yaml")
     second = write_profile("name: bob\nspeaker: 2\n", "b.yaml")
-    with pytest.raises(CompanionError, match=rf"^{second}: duplicate voice name 'bob' \(also in .*a.yaml\): rename one"):
-        VoiceStore().get("bob")
+    store = VoiceStore()
+    assert store.get("bob").speaker == 0  # the first file counts
+    [broken] = store.broken()
+    assert re.match(rf"^{second}: duplicate voice name 'bob' \(also in .*a.yaml\): rename one", broken.error)
 
 
 def test_good_profile_loads_and_resolves_paths(data_dir: Path) -> None:

@@ -52,7 +52,7 @@ def test_round_trip_on_narrator_and_guest(data_dir: Path) -> None:
     assert show.returncode == 0
     for expected in ["voice:      guest", f"profile:    {voices / 'guest.yaml'}", "speaker:    1",
                      "transcript: Honestly, I had a long day. (6 words)", "generation: temperature=0.7",
-                     "guest.mp3: 24000 Hz x1, 19.9 s -> "]:
+                     "guest.mp3: 24000 Hz x1, 19.9 s -> ", "memory: the reference takes "]:
         assert expected in show.stdout
 
     for name in ["guest", "narrator"]:
@@ -63,13 +63,15 @@ def test_round_trip_on_narrator_and_guest(data_dir: Path) -> None:
     assert "example" in after.stdout and "guest" not in after.stdout  # the shipped narrator is back
 
 
-def test_an_invalid_profile_fails_every_command_with_one_line() -> None:
+def test_an_invalid_profile_is_marked_and_fails_only_itself_with_one_line() -> None:
     voices = get_paths().voices_dir
     voices.mkdir(parents=True)
     (voices / "bob.yaml").write_text("name: bob\nspeaker: 0\nspeeker: 1\n", encoding="utf-8")
+    line = f"{voices / 'bob.yaml'}: unknown key 'speeker' (line 3): remove it or check its spelling"
     run = companion("voice", "list")
-    assert run.returncode == 1 and run.stdout == ""
-    assert run.stderr == f"error: {voices / 'bob.yaml'}: unknown key 'speeker' (line 3): remove it or check its spelling\n"
+    assert run.returncode == 0 and f"✗ bob: {line}\n" in run.stdout and "narrator" in run.stdout
+    shown = companion("voice", "show", "bob")
+    assert shown.returncode == 1 and shown.stdout == "" and shown.stderr == f"error: {line}\n"
 
 
 @pytest.mark.parametrize(
@@ -82,7 +84,7 @@ def test_an_invalid_profile_fails_every_command_with_one_line() -> None:
         (["--audio", "{data}/nope.wav", "--transcript", "hi"], 1, "nope.wav' not found: check the path"),
         (["--audio", "{data}", "--transcript", "hi"], 1, "is a directory: give one audio file"),
         (["--audio", "{data}/empty.wav", "--transcript", "hi"], 1, "file is empty (0 bytes)"),
-        (["--audio", "{data}/guest.mp3", "--transcript", "hi", "--speaker", "-2"], 2, "key 'speaker': Input should be greater than or equal to 0"),
+        (["--audio", "{data}/guest.mp3", "--transcript", "hi", "--speaker", "-2"], 2, "--speaker -2: must be greater than or equal to 0"),
     ],
 )
 def test_voice_add_refuses_bad_input(

@@ -68,10 +68,11 @@ def test_stereo_48k_flac_keeps_format(tmp_path: Path, data_dir: Path, capsys: py
 @pytest.mark.parametrize(
     ("argv", "code", "needle"),
     [
-        (["detect", "{data}/short.wav"], 1, "too short to judge"),
-        (["detect", "{data}/not_audio.wav"], 1, "not a readable audio file (Format not recognised.): use a WAV"),
-        (["detect", "{tmp}/missing.wav"], 1, "file not found"),
-        (["detect", "{data}/empty.wav"], 1, "file is empty"),
+        # detect: 2 when the file cannot be judged (1 means only "no watermark")
+        (["detect", "{data}/short.wav"], 2, "too short to judge"),
+        (["detect", "{data}/not_audio.wav"], 2, "not a readable audio file (Format not recognised): use a WAV"),
+        (["detect", "{tmp}/missing.wav"], 2, "file not found"),
+        (["detect", "{data}/empty.wav"], 2, "file is empty"),
         (["embed", "{data}/guest_16k.wav", "{tmp}/out.xyz"], 2, "unknown audio extension '.xyz'"),
         (["detect", "{data}/guest_16k.wav", "--key", ""], 2, "the watermark key is empty"),
         ([], 2, "missing action"),

@@ -36,7 +36,9 @@ def read_audio(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
             declared, rate = handle.frames, handle.samplerate
             data = handle.read(dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError) as err:
-        detail = str(err).split(":")[-1].strip() or type(err).__name__
+        detail = str(err).split(":")[-1].strip().rstrip(".") or type(err).__name__
+        if "not a regular file" in detail:  # what libsndfile says of bytes it cannot parse as MP3
+            detail = "its contents are not in a known audio format"
         raise CompanionError(
             f"{path}: not a readable audio file ({detail}): use a {FORMATS} file, or re-export it"
         ) from None

@@ -42,6 +42,12 @@ def read_script_file(path: Path) -> list[str]:
     lines = read_script(text)
     if not lines:
         raise CompanionError(f"{path}: the script has no lines to speak: write one utterance per line")
+    from companion.session.script import is_clear
+    from companion.text import NOTHING_TO_SAY, prepare
+
+    for line in lines:
+        if not is_clear(line) and not prepare(line):  # found now, not after the lines before it were rendered
+            raise CompanionError(f"{path}: {line!r}: {NOTHING_TO_SAY}: remove the line or write words")
     return lines
 
 
@@ -58,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from companion.commands.chat import check_before_loading
     from companion.session import Session
     from companion.session.script import is_clear
     from companion.store import Store
@@ -65,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     lines = read_script_file(args.script)
     settings = settings_from_args(args, {"voice": args.voice, "generation": {"seed": args.seed}})
+    check_before_loading(settings)
     _check_output(args.output)
     engine = load_engine(settings)
     store = None if args.no_history else Store()

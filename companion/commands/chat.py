@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from companion.commands.common import add_model_arguments, settings_from_args
 from companion.config import Settings
-from companion.errors import CompanionError
+from companion.errors import CompanionError, UsageError
 from companion.paths import get_paths
 
 if TYPE_CHECKING:
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from companion.audio.playback import AudioOutput
     from companion.repl.context import ChatContext
     from companion.session import Session
+    from companion.voices import VoiceStore
 
 HELP = "talk with the companion in the terminal (REPL); reads lines from stdin when it is not a TTY"
 DESCRIPTION = (
@@ -54,15 +55,19 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from companion.repl.app import run_interactive, run_lines
-    from companion.repl.console import make_console
+    from companion.repl.console import make_console, typing_held
 
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     console = make_console(interactive=interactive)
     settings = settings_for(args)
+    check_before_loading(settings, args.resume)
+    if args.save_dir is not None and args.save_dir.expanduser().exists() and not args.save_dir.expanduser().is_dir():
+        raise UsageError(f"{args.save_dir}: --save-dir is a file: give a folder (it is created if missing)")
     save_dir = args.save_dir.expanduser() if args.save_dir else get_paths().audio_dir
     with ExitStack() as stack:
-        output = open_speech_output(settings, args.save_dir, console)
-        session = stack.enter_context(load_session(settings, console, resume=args.resume))
+        with typing_held(sys.stdin) if interactive else nullcontext():  # no keys echoed into the spinner
+            output = open_speech_output(settings, args.save_dir, console)
+            session = stack.enter_context(load_session(settings, console, resume=args.resume))
         ctx = build_context(session, settings, output, save_dir, console, debug=_debug(args))
         stack.callback(ctx.worker.close)
         if interactive:
@@ -99,6 +104,46 @@ def open_speech_output(settings: Settings, save_dir: Path | None, console: Conso
     return output
 
 
+def check_output_file(path: Path, flag: str) -> None:
+    """A WAV file that can be written: checked before the model loads."""
+    if path.suffix.lower() != ".wav":
+        raise UsageError(f"{path}: {flag} writes WAV files: give a name ending in .wav")
+    if path.is_dir():
+        raise UsageError(f"{path}: is a folder: give a file name ending in .wav")
+    parent = path.expanduser().absolute().parent
+    if not parent.is_dir():
+        raise UsageError(f"{path}: folder {parent} does not exist: create it first or write somewhere else")
+
+
+def check_before_loading(settings: Settings, resume: str | None = None) -> None:
+    """What can be checked without the model (the voice, its files, the conversation to resume): a
+    mistake there is reported in a moment instead of after the model has loaded."""
+    from companion.voices import DEFAULT_VOICE, VoiceStore
+
+    if resume is not None:
+        _check_resume(resume)
+    if settings.voice and (settings.voice != DEFAULT_VOICE or settings.voice in VoiceStore().names()):
+        voices = VoiceStore()
+        problem = voices.problem(voices.get(settings.voice))
+        if problem:
+            raise CompanionError(problem)
+
+
+def _check_resume(resume: str) -> None:
+    from companion.store import Store
+
+    wanted = _resume_id(resume)
+    path = get_paths().history_db
+    if not path.exists():
+        raise CompanionError("there is no saved conversation to resume: start one with `companion chat`")
+    with Store(path) as store:
+        if wanted is None:
+            if store.latest_session_id() is None:
+                raise CompanionError("there is no saved conversation to resume: start one with `companion chat`")
+        else:
+            store.session(wanted)  # raises "no conversation N"
+
+
 @contextmanager
 def load_session(settings: Settings, console: Console, *, resume: str | None = None,
                  history: bool = True) -> Iterator[Session]:
@@ -109,6 +154,7 @@ def load_session(settings: Settings, console: Console, *, resume: str | None = N
     from companion.store import Store
     from companion.voices import VoiceStore
 
+    check_before_loading(settings, resume if history else None)
     m = settings.model
     start = time.monotonic()
     with console.status(f"loading {m.id} …", spinner="dots"):
@@ -126,10 +172,24 @@ def load_session(settings: Settings, console: Console, *, resume: str | None = N
         if settings.voice:
             with console.status(f"preparing voice {settings.voice} …", spinner="dots"):
                 session.use_voice(settings.voice)
+        elif resume is None:
+            console.print(_default_voice_line(voices), highlight=False)
         yield session
     finally:
         if store is not None:
             store.close()
+
+
+def _default_voice_line(voices: VoiceStore) -> str:
+    """Which voice speaks when none was chosen (the voice 'default', made from its first reply)."""
+    from companion.voices import DEFAULT_VOICE
+
+    others = [n for n in voices.names() if n != DEFAULT_VOICE]
+    pick = "--voice narrator for the shipped example, " if "narrator" in others else "--voice NAME for another, "
+    if DEFAULT_VOICE in voices.names():
+        return f"voice: {DEFAULT_VOICE} (no --voice given; {pick}`companion voice list` shows all)"
+    return (f"voice: {DEFAULT_VOICE} (no --voice given: a new voice made from its first reply and kept; "
+            f"{pick}`companion voice list` shows all)")
 
 
 def _resume_id(value: str) -> int | None:

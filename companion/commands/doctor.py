@@ -77,7 +77,7 @@ def run_checks(paths: Paths) -> list[Check]:
         _dir_check("data dir", paths.data_dir),
         _dir_check("cache dir", paths.cache_dir),
         _guard("model", lambda: _model_check(settings)),
-        _voices_check(paths),
+        *_voices_checks(paths),
         _llm_check(settings),
     ]
     return checks
@@ -225,13 +225,21 @@ def _cache_size(model_id: str) -> str:
     return repos[0].size_on_disk_str if repos else "size unknown"
 
 
-def _voices_check(paths: Paths) -> Check:
+def _voices_checks(paths: Paths) -> list[Check]:
+    """One row for the voices, then a FAIL row for each profile that cannot be used, with its error."""
+    from companion.voices import VoiceStore
+
+    store = VoiceStore(paths)
     user = _yaml_files(paths.voices_dir)
     shipped = _yaml_files(shipped_config_dir() / "voices")
     total = len(user) + len(shipped)
-    status = OK if total else WARN
+    failures = [Check(f"voice {b.name}", FAIL, b.error) for b in store.broken()]
+    failures += [Check(f"voice {p.name}", FAIL, problem) for p in store.list() if (problem := store.problem(p))]
+    status = OK if total else WARN  # each profile that cannot be used is its own FAIL row
     fix = "" if total else ": add one with `companion voice add`"
-    return Check("voices", status, f"{total} ({len(user)} yours in {paths.voices_dir}, {len(shipped)} shipped){fix}")
+    broken = f"; {len(failures)} cannot be used (below)" if failures else ""
+    summary = Check("voices", status, f"{total} ({len(user)} yours in {paths.voices_dir}, {len(shipped)} shipped){broken}{fix}")
+    return [summary, *failures]
 
 
 def _yaml_files(folder: Path) -> list[Path]:
@@ -250,6 +258,7 @@ def _llm_check(settings: Settings) -> Check:
 
 def _print_table(checks: list[Check]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
@@ -259,5 +268,5 @@ def _print_table(checks: list[Check]) -> None:
     table.add_column("detail", overflow="fold")
     colors = {OK: "green", WARN: "yellow", FAIL: "bold red"}
     for c in checks:
-        table.add_row(c.name, f"[{colors[c.status]}]{c.status}[/]", c.detail, end_section=False)
+        table.add_row(c.name, f"[{colors[c.status]}]{c.status}[/]", escape(c.detail), end_section=False)
     console.print(table)

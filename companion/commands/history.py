@@ -18,15 +18,16 @@ if TYPE_CHECKING:
 HELP = "list, show and export past conversations"
 DESCRIPTION = (
     "Past conversations, from the history database in the data folder: `list` them (newest first), `show ID` "
-    "one (voices and turns), `export ID FILE.wav` its audio (decodes the stored codes, so it takes --model). "
-    "Resume one in the app with `companion chat --resume ID`."
+    "one (voices and turns), `export ID FILE.wav` its audio (decodes the stored codes with the model the conversation was recorded "
+    "with, or --model). "
+    "Resume one in the app with `companion chat --resume ID`. Without ACTION: list."
 )
 FRAME_RATE = 12.5  # Mimi frames per second
 GAP_SECONDS = 0.25  # silence between turns in an export
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    sub = parser.add_subparsers(dest="action", metavar="ACTION")  # none: list
     ls = sub.add_parser("list", help="the conversations, newest first")
     ls.add_argument("--limit", type=int, default=20, help="show at most this many (default 20)")
     show = sub.add_parser("show", help="one conversation's voices and turns")
@@ -46,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
         print("no conversations yet: start one with `companion chat`")
         return 0
     with Store(path) as store:
-        if args.action == "list":
-            return _list(store, args.limit)
+        if args.action in (None, "list"):
+            return _list(store, getattr(args, "limit", 20))
         if args.action == "show":
             return _show(store, args.id)
         return _export(store, args)
@@ -87,16 +88,26 @@ def _show(store: Store, session_id: int) -> int:
     for t in store.turns(session_id):
         note = " [reference]" if t.kind == "reference" else (" [not in memory]" if t.seq < s.context_start else "")
         print(f"{t.seq:>4}  {_when(t.created_at)[11:]}  {t.voice:<12} {_seconds(t.codes.shape[-1]):>7}{note}  {t.text}")
+        if t.typed is not None and t.typed != t.text:
+            print(f"{'':>4}  {'typed:':>8}  {t.typed}")
     return 0
 
 
 def _export(store: Store, args: argparse.Namespace) -> int:
     from companion.audio.io import write_wav
     from companion.commands.batch import load_engine
+    from companion.commands.chat import check_output_file
+
+    check_output_file(args.file, "export")
     record = store.session(args.id)
     turns = store.turns(args.id)
     if not turns:
         raise CompanionError(f"conversation {args.id} has no turns to export")
+    if args.model is None:  # the model it was recorded with (a hub id at the recorded commit, or a folder)
+        recorded, _, version = record.model_key.rpartition("@")
+        args.model = recorded or record.model_key
+        if args.revision is None and version and not Path(recorded).is_absolute():
+            args.revision = version
     settings = settings_from_args(args)
     engine = load_engine(settings)
     if turns[0].codes.shape[0] != engine.num_codebooks:

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from companion.commands.chat import add_output_arguments, load_session, open_speech_output, settings_for
+from companion.commands.chat import (
+    add_output_arguments,
+    check_before_loading,
+    check_output_file,
+    load_session,
+    open_speech_output,
+    settings_for,
+)
 from companion.commands.common import add_model_arguments
 from companion.errors import CompanionError, UsageError
 
@@ -29,15 +36,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from companion.audio.io import write_wav
     from companion.repl.console import RichPrinter, make_console
+    from companion.text import NOTHING_TO_SAY, prepare
 
     text = sys.stdin.read() if args.text == "-" else args.text
     if not text.strip():
         raise UsageError("nothing to say: give some text (or '-' to read it from stdin)")
-    if args.output is not None and args.output.suffix.lower() != ".wav":
-        raise UsageError(f"{args.output}: -o writes WAV files: give a name ending in .wav")
+    if not prepare(text):
+        raise UsageError(NOTHING_TO_SAY)
+    if args.output is not None:
+        check_output_file(args.output, "-o")
     console = make_console(interactive=False)
     printer = RichPrinter(console)
     settings = settings_for(args)
+    check_before_loading(settings)
     output = None if args.output else open_speech_output(settings, None, console)
     with load_session(settings, console, history=False) as session:
         chunks = session.speak(text, cancel=threading.Event())

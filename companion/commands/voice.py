@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from companion.commands.common import add_model_arguments, settings_from_args
-from companion.errors import UsageError
+from companion.errors import CompanionError, UsageError
 from companion.paths import get_paths
 from companion.voices import GenerationOverrides, VoiceProfile, VoiceStore, read_transcript
 
@@ -23,12 +23,12 @@ from companion.yamlfile import describe_validation_error
 HELP = "manage voice profiles: add, list, show, remove"
 DESCRIPTION = (
     "Manage voice profiles (one YAML file per voice in your data folder; examples ship in config/voices). "
-    "A voice is 2-3 minutes of clean speech of one speaker plus its transcript."
+    "A voice is 1-2 minutes of clean speech of one speaker plus its transcript. Without ACTION: list."
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    sub = parser.add_subparsers(dest="action", metavar="ACTION")  # none: list
     add = sub.add_parser("add", help="add a voice from reference audio and its transcript (checks the audio first)")
     add.add_argument("name", help="voice name (letters, digits, '-' and '_')")
     add.add_argument("--audio", action="append", required=True, metavar="FILE",
@@ -55,20 +55,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     console = Console(highlight=False, soft_wrap=True)
     actions = {"add": _add, "list": _list, "show": _show, "encode": _encode, "remove": _remove}
-    return actions[args.action](args, console)
+    return actions[args.action or "list"](args, console)
 
 
 def _add(args: argparse.Namespace, console: Console) -> int:
     store = VoiceStore()
     profile = _profile_from_args(args)
-    if not args.force and profile.name in store.names():
+    if not args.force and (profile.name in store.names() or any(b.name == profile.name for b in store.broken())):
         store.add(profile)  # raises the "already exists" error before the audio is prepared
     from companion.audio.prepare import prepare_references
+    from companion.refbudget import reference_cost
 
-    prepared = prepare_references(profile.audio_paths(), settings_from_args(args).reference)
+    settings = settings_from_args(args)
+    prepared = prepare_references(profile.audio_paths(), settings.reference)
+    transcript = profile.transcript_text() or ""
+    cost = reference_cost(settings, len(prepared.samples), transcript, profile.speaker)
+    if not cost.fits:  # it could never be used: say so now, not at the first reply
+        _print_reports(console, prepared.reports, prepared.seconds)
+        raise CompanionError(cost.refusal(profile.name))
     path = store.add(profile, force=args.force)
     console.print(f"added voice '{profile.name}' -> {path}")
     _print_reports(console, prepared.reports, prepared.seconds)
+    console.print(cost.summary())
     return 0
 
 
@@ -84,8 +92,8 @@ def _profile_from_args(args: argparse.Namespace) -> VoiceProfile:
         path = Path(args.transcript_file).expanduser().resolve()
         read_transcript(path)
         transcript_file = _reference(path)
-    overrides = GenerationOverrides(temperature=args.temperature, topk=args.topk, seed=args.seed)
     try:
+        overrides = GenerationOverrides(temperature=args.temperature, topk=args.topk, seed=args.seed)
         return VoiceProfile(
             name=args.name,
             audio=[_reference(Path(a).expanduser().resolve()) for a in args.audio],
@@ -95,7 +103,17 @@ def _profile_from_args(args: argparse.Namespace) -> VoiceProfile:
             generation=overrides,
         )
     except ValidationError as err:
-        raise UsageError(describe_validation_error("companion voice add", err)) from None
+        raise UsageError(_flag_error(args, err)) from None
+
+
+def _flag_error(args: argparse.Namespace, err: ValidationError) -> str:
+    """One line naming the flag and its value: ``--temperature -1.0: must be greater than or equal to 0``."""
+    first = err.errors()[0]
+    key = str(first["loc"][-1]) if first["loc"] else ""
+    if key in ("temperature", "topk", "seed", "speaker"):
+        message = str(first["msg"]).removeprefix("Input should be ").removeprefix("Value error, ")
+        return f"--{key} {getattr(args, key)}: must be {message}"
+    return describe_validation_error("companion voice add", err)
 
 
 def _reference(path: Path) -> str:
@@ -106,21 +124,31 @@ def _reference(path: Path) -> str:
 
 def _list(args: argparse.Namespace, console: Console) -> int:
     store = VoiceStore()
-    profiles = store.list()
-    if not profiles:
+    profiles, broken = store.list(), store.broken()
+    if not profiles and not broken:
         console.print("no voices yet: add one with `companion voice add NAME --audio FILE --transcript-file FILE`")
         return 0
-    table = Table("name", "speaker", "audio", "transcript", "profile")
+    table = Table("name", "speaker", "audio", "transcript", "profile", "state")
+    problems: list[str] = []
     for p in profiles:
         transcript = p.transcript if p.transcript is not None else (f"file: {Path(p.transcript_file).name}" if p.transcript_file else "")
+        problem = store.problem(p)
+        if problem:
+            problems.append(f"{p.name}: {problem}")
         table.add_row(
             p.name,
             str(p.speaker),
             ", ".join(Path(a).name for a in p.audio) or "(none yet)",
             transcript if len(transcript) <= 40 else transcript[:39] + "…",
             "yours" if store.is_user(p) else "example",
+            "[red]file missing[/]" if problem else "ok",
         )
+    for b in broken:
+        problems.append(f"{b.name}: {b.error}")
+        table.add_row(b.name, "", "", "", "yours" if b.path.parent == store.user_dir else "example", "[red]broken[/]")
     console.print(table)
+    for line in problems:  # the full one-line errors, after the table (they are too long for a cell)
+        console.print(f"✗ {line}", markup=False, highlight=False)
     return 0
 
 
@@ -142,9 +170,13 @@ def _show(args: argparse.Namespace, console: Console) -> int:
         console.print("generation: " + ", ".join(f"{k}={v}" for k, v in profile.generation.as_dict().items()))
     if files:
         from companion.audio.prepare import prepare_references
+        from companion.refbudget import reference_cost
 
-        prepared = prepare_references(files, settings_from_args(args).reference)
+        settings = settings_from_args(args)
+        prepared = prepare_references(files, settings.reference)
         _print_reports(console, prepared.reports, prepared.seconds)
+        cost = reference_cost(settings, len(prepared.samples), transcript or "", profile.speaker)
+        console.print(cost.summary() if cost.fits else f"memory: {cost.refusal(profile.name)}")
     return 0
 
 

@@ -17,7 +17,7 @@ from companion.errors import CompanionError, UsageError
 HELP = "embed or detect companion's audio watermark in an audio file"
 DESCRIPTION = (
     "Embed companion's imperceptible watermark into an audio file, or check a file for it. "
-    "detect exits 0 when the mark is found, 1 when it is not."
+    "detect exits 0 when the mark is found, 1 when it is not, 2 when the file cannot be judged."
 )
 
 
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     embed = sub.add_parser("embed", help="write a watermarked copy of IN to OUT (format from OUT's extension)")
     embed.add_argument("input", metavar="IN", type=Path)
     embed.add_argument("output", metavar="OUT", type=Path)
-    detect = sub.add_parser("detect", help="say whether FILE carries the watermark (exit 0 yes, 1 no)")
+    detect = sub.add_parser("detect", help="say whether FILE carries the watermark (exit 0 yes, 1 no, 2 error)")
     detect.add_argument("file", metavar="FILE", type=Path)
     for p in (embed, detect):
         p.add_argument("--key", help="watermark key (default: watermark.key from the config)")
@@ -54,11 +54,20 @@ def _embed(src: Path, dst: Path, key: str) -> int:
     return 0
 
 
+class DetectError(CompanionError):
+    """detect could not judge the file: exit 2, so that 1 always means "no mark"."""
+
+    exit_code = 2
+
+
 def _detect(path: Path, key: str) -> int:
-    audio, rate, _ = _read(path)
+    try:
+        audio, rate, _ = _read(path)
+    except CompanionError as err:
+        raise DetectError(str(err)) from None
     result = watermark.detect(audio, rate, key)
     if result.seconds < watermark.MIN_SECONDS:
-        raise CompanionError(
+        raise DetectError(
             f"{path}: {result.seconds:.1f} s is too short to judge: the detector needs at least "
             f"{watermark.MIN_SECONDS:.0f} s of audio (3 s or more is reliable)"
         )

@@ -52,11 +52,12 @@ def run_interactive(ctx: ChatContext, history_file: Path) -> int:
 
 
 def run_lines(ctx: ChatContext, lines: Iterable[str]) -> int:
-    """stdin is not a terminal: each line is a turn or a command, strictly in order; no prompt_toolkit."""
+    """stdin is not a terminal: each line is a turn or a command, strictly in order; no prompt_toolkit.
+    Exits 1 when any line gave an error (the others were still spoken), so a script can tell."""
     for line in lines:
         if ctx.registry.is_command(line.strip()):
             ctx.worker.wait_idle()  # a script's /stats or /seed comes after the lines before it
         if not handle_line(ctx, line):
             break
     finish(ctx, announce=False)
-    return 0
+    return 1 if ctx.ui.errors_shown else 0

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TextIO
 
 from rich.console import Console
 from rich.table import Table
@@ -28,6 +30,30 @@ def _terminal_width() -> int:
         return shutil.get_terminal_size((100, 24)).columns
 
 
+@contextmanager
+def typing_held(stream: TextIO) -> Iterator[None]:
+    """While the model and the voice load: keys typed are not echoed (they would land in the spinner's
+    line) but kept by the terminal, so the prompt receives them when it starts."""
+    try:
+        import termios
+    except ImportError:  # Windows: nothing to do
+        yield
+        return
+    try:
+        fd = stream.fileno()
+        saved = termios.tcgetattr(fd)
+        quiet = list(saved)
+        quiet[3] &= ~termios.ECHO  # lflags: no echo; canonical input stays on, so nothing is lost
+        termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    except (OSError, ValueError, termios.error):  # not a terminal
+        yield
+        return
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
 def error_console() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -38,6 +64,7 @@ class RichPrinter:
     def __init__(self, console: Console, errors: Console | None = None) -> None:
         self.console = console
         self.errors = errors or console
+        self.errors_shown = 0
 
     def info(self, text: str) -> None:
         self.console.print(Text(text, style="cyan"))
@@ -49,6 +76,7 @@ class RichPrinter:
         self.errors.print(Text("warning: ", style="bold yellow") + Text(text))
 
     def error(self, text: str) -> None:
+        self.errors_shown += 1
         self.errors.print(Text("error: ", style="bold red") + Text(text))
 
     def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:

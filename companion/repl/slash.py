@@ -42,7 +42,7 @@ def show_help(ctx: ChatContext, arg: str) -> None:
         ctx.ui.table(command.synopsis(), ["", ""], [["help", command.help], ["aliases", ", ".join(command.aliases)]])
         return
     rows = [[syn, aliases, text] for syn, aliases, text in ctx.registry.help_rows()]
-    rows.append(["$CLEAR$", "", "the seed's command, typed as a line: same as /clear"])
+    rows.append(["$CLEAR$", "", "typed alone on a line: forget the conversation, keep the voice (same as /clear)"])
     ctx.ui.table("Commands (anything else is spoken)", ["command", "aliases", "what it does"], rows)
 
 
@@ -74,8 +74,9 @@ def show_context(ctx: ChatContext, arg: str) -> None:
 
 
 def save(ctx: ChatContext, arg: str) -> None:
-    whole = arg.split()[:1] == ["--all"]
-    target = arg.removeprefix("--all").strip() if whole else arg
+    words = arg.split()
+    whole = "--all" in words
+    target = " ".join(w for w in words if w != "--all")
     audio = ctx.session.conversation_audio() if whole else ctx.session.last_reply_audio()
     if audio is None or not len(audio):
         raise CompanionError("nothing to save yet: say something first")

@@ -20,10 +20,9 @@ import torch
 
 from companion.engine import Segment
 from companion.errors import CompanionError
+from companion.refbudget import MIN_TEXT_POSITIONS, longest_reference_seconds
 
-# Positions kept free for the text of a reply when a reference is checked at load time (a sentence
-# or two with the Llama-3 tokenizer). The exact text is counted again before every segment.
-MIN_TEXT_POSITIONS = 48
+__all__ = ["MIN_TEXT_POSITIONS", "Context", "ContextRow", "TextTooLong", "Turn", "Voice"]
 
 
 @dataclass
@@ -102,9 +101,7 @@ class Context:
         assert voice.codes is not None
         frames = int(voice.codes.shape[-1])
         duration = frames / self.frame_rate
-        # A shorter clip of the same speech costs its frames plus proportionally fewer text tokens.
-        per_second = self.frame_rate + (voice.positions - frames - 1) / max(duration, 1e-6)
-        fit_s = max(0.0, (room - 1) / per_second)
+        fit_s = longest_reference_seconds(frames, voice.positions, room, self.frame_rate)
         return (
             f"voice '{voice.name}': its reference ({duration:.1f} s, {voice.positions} positions) "
             f"does not fit the context ({self.max_seq_len} positions, {room} left after the reply's frames): "
@@ -129,6 +126,22 @@ class Context:
     def used(self) -> int:
         """Positions of references + turns (what the next prompt holds before its text)."""
         return self.reference_positions() + sum(t.positions for t in self.turns)
+
+    def overflow(self, reserve: int) -> int:
+        """How many of the oldest turns the next reply drops whatever its text: they no longer fit
+        beside the references and the ``reserve`` frames (a reply just kept may push them out)."""
+        used, budget, dropped = self.used(), self.max_seq_len - reserve, 0
+        for turn in self.turns:
+            if used <= budget:
+                break
+            used -= turn.positions
+            dropped += 1
+        return dropped
+
+    def in_memory(self, reserve: int) -> int:
+        """Positions of the references and the turns the next prompt can still hold (never over the budget
+        unless the references alone are)."""
+        return self.used() - sum(t.positions for t in list(self.turns)[: self.overflow(reserve)])
 
     def budget(self, reserve: int, text_positions: int) -> int:
         return self.max_seq_len - reserve - text_positions
@@ -162,10 +175,13 @@ class Context:
             ContextRow(f"reference {v.name} ({_seconds(v.codes, self.frame_rate)})", v.positions, True)
             for v in self.voices.values() if v.positions
         ]
+        gone = self.overflow(reserve)
         rows += [
             ContextRow(f"turn {t.seq} {t.voice}: {_short(t.text)} ({_seconds(t.codes, self.frame_rate)})", t.positions, False)
-            for t in self.turns
+            for t in list(self.turns)[gone:]
         ]
+        if gone:
+            rows.append(ContextRow(f"{gone} older turn(s): no longer fit, dropped at the next reply", 0, False))
         rows.append(ContextRow("reserved for the next reply", reserve, False))
         return rows
 

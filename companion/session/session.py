@@ -33,9 +33,9 @@ from companion.session.audio import AudioLog, TurnStats, output_marker
 from companion.session.context import MIN_TEXT_POSITIONS, Context, ContextRow, TextTooLong, Turn, Voice
 from companion.session.script import assign_voices, is_clear, parse_line
 from companion.store import Store, TurnRecord, VoiceRecord
-from companion.text import prepare
+from companion.text import NOTHING_TO_SAY, prepare
+from companion.voices import DEFAULT_VOICE
 
-DEFAULT_VOICE = "default"  # the voice used when none is chosen (a profile with no reference audio)
 STATS_KEPT = 200
 
 
@@ -136,8 +136,8 @@ class Session:
         return GenerationOptions(max_frames=self.max_frames(), **values)
 
     def context_used(self) -> int:
-        """Positions the next prompt holds before its text."""
-        return self.context.used()
+        """Positions the next prompt holds before its text (turns that no longer fit not counted)."""
+        return self.context.in_memory(self.max_frames())
 
     def context_budget(self) -> int:
         """Positions available to references + turns + the next text."""
@@ -159,6 +159,8 @@ class Session:
             return iter(())
         default = voice or self.active or self.settings.voice or DEFAULT_VOICE
         parts = parse_line(text, self.known_voices())
+        if not any(prepare(p.text) for p in parts):  # before any voice is loaded or any model work
+            raise CompanionError(NOTHING_TO_SAY)
         order = list(self.context.voices) or [default]
         voiced = [(self._voice(name), part) for name, part in assign_voices(parts, order, default)]
         if self.active is None and voiced:
@@ -174,7 +176,7 @@ class Session:
                 for piece in self._fit_text(voice, seg_text):
                     if cancel is not None and cancel.is_set():
                         return
-                    yield from self._speak_segment(voice, piece, cancel)
+                    yield from self._speak_segment(voice, piece, cancel, typed=text)
 
     def _fit_text(self, voice: Voice, text: str) -> list[str]:
         """``text``, or its halves (recursively, between words) when references + text + reply cannot fit."""
@@ -189,7 +191,8 @@ class Session:
         half = len(words) // 2
         return self._fit_text(voice, " ".join(words[:half])) + self._fit_text(voice, " ".join(words[half:]))
 
-    def _speak_segment(self, voice: Voice, text: str, cancel: threading.Event | None) -> Iterator[np.ndarray]:
+    def _speak_segment(self, voice: Voice, text: str, cancel: threading.Event | None,
+                       typed: str | None = None) -> Iterator[np.ndarray]:
         opts = self.options(voice)
         bootstrap = voice.codes is None
         if bootstrap:  # no context: the voice must not depend on what was said before
@@ -220,9 +223,9 @@ class Session:
             return  # cancelled, or the model ended at once: nothing to keep
         all_codes = torch.cat(codes, dim=1)
         if bootstrap:
-            self._adopt_reference(voice, text, all_codes, np.concatenate(heard), stats)
+            self._adopt_reference(voice, text, all_codes, np.concatenate(heard), stats, typed)
         else:
-            self._keep_turn(voice, text, all_codes, stats)
+            self._keep_turn(voice, text, all_codes, stats, typed)
         self.log.append(np.concatenate(heard))
 
     def _stats(self, voice: Voice, text: str, codes: list[torch.Tensor], start: float, first_ms: float | None,
@@ -252,16 +255,18 @@ class Session:
             )
         return min(self.max_frames(), room)
 
-    def _keep_turn(self, voice: Voice, text: str, codes: torch.Tensor, stats: TurnStats) -> None:
+    def _keep_turn(self, voice: Voice, text: str, codes: torch.Tensor, stats: TurnStats, typed: str | None = None) -> None:
         seq = self._next_seq
         if self.store is not None:
-            record = TurnRecord(voice.name, voice.speaker, text, codes, first_audio_ms=stats.first_audio_ms, rtf=stats.rtf)
+            record = TurnRecord(voice.name, voice.speaker, text, codes, first_audio_ms=stats.first_audio_ms, rtf=stats.rtf,
+                                typed=typed)
             seq = self.store.add_turn(self._session_id(), record, self.context.first_seq())
         seg = Segment(voice.speaker, text, codes)
         self.context.append(Turn(seq, voice.name, voice.speaker, text, codes, self.engine.segment_positions(seg)))
         self._next_seq = seq + 1
 
-    def _adopt_reference(self, voice: Voice, text: str, codes: torch.Tensor, audio: np.ndarray, stats: TurnStats) -> None:
+    def _adopt_reference(self, voice: Voice, text: str, codes: torch.Tensor, audio: np.ndarray, stats: TurnStats,
+                         typed: str | None = None) -> None:
         """Pin a bootstrap segment as the voice's reference; record it; save it with the profile."""
         voice.codes, voice.transcript = codes, text
         evicted = self.context.pin(voice, self.max_frames())
@@ -272,7 +277,7 @@ class Session:
             for name in evicted:
                 self.store.remove_voice(self._session_id(), name)
             record = TurnRecord(voice.name, voice.speaker, text, codes, kind="reference",
-                                first_audio_ms=stats.first_audio_ms, rtf=stats.rtf)
+                                first_audio_ms=stats.first_audio_ms, rtf=stats.rtf, typed=typed)
             seq = self.store.add_turn(self._session_id(), record, self.context.first_seq(), voice=_record(voice))
         self._next_seq = seq + 1
         if self.voice_store is not None and voice.profile is not None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 from companion.text.normalize import normalize
 from companion.text.segment import estimate_seconds, segment_text, split_sentences, syllables
 
-__all__ = ["estimate_seconds", "normalize", "prepare", "segment_text", "split_sentences", "syllables"]
+__all__ = ["NOTHING_TO_SAY", "estimate_seconds", "normalize", "prepare", "segment_text", "split_sentences", "syllables"]
+
+NOTHING_TO_SAY = "nothing to say in this text: it has no words to speak (only emoji, symbols or control characters)"
 
 
 def prepare(text: str, max_seconds: float = 25.0) -> list[str]:

@@ -88,6 +88,20 @@ def _sub(pattern: str, repl: Callable[[re.Match[str]], str], flags: int = 0) -> 
     return lambda text: compiled.sub(repl, text)
 
 
+_ESCAPES = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]"  # CSI: colors, cursor moves (ESC [ 31 m)
+    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"  # OSC: window titles, links (ESC ] ... BEL)
+    r"|\x1b[@-_]?"  # any other escape
+    r"|\x9b[0-?]*[ -/]*[@-~]"  # 8-bit CSI
+)
+_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def _controls(text: str) -> str:
+    """Terminal escape sequences and control characters are not text: drop them before anything reads them."""
+    return _CONTROLS.sub("", _ESCAPES.sub("", text))
+
+
 def _unicode(text: str) -> str:
     text = unicodedata.normalize("NFKC", text).replace("\u2044", "/")
     for a, b in (("\u2018", "'"), ("\u2019", "'"), ("\u201c", '"'), ("\u201d", '"'), ("\u2212", "-"),
@@ -181,7 +195,8 @@ def _day_month(m: re.Match[str]) -> str:
     month = _MONTH_ABBR[m.group(2)[:3].lower()]
     if not 1 <= day <= 31:
         return m.group(0)
-    return f"the {ordinal(day)} of {month}" + (f", {year(int(m.group(3)))}" if m.group(3) else "")
+    the = "" if re.search(r"\bthe\s+$", m.string[: m.start()], re.I) else "the "  # "on the 5th of May"
+    return f"{the}{ordinal(day)} of {month}" + (f", {year(int(m.group(3)))}" if m.group(3) else "")
 
 
 def _time(m: re.Match[str]) -> str:
@@ -218,7 +233,11 @@ def _money_words(symbol: str, amount: str, scale: str | None) -> str:
 
 
 def _money(m: re.Match[str]) -> str:
-    return _money_words(m.group(1), m.group(2), m.group(3) or m.group(4))
+    return _minus(m.group(1)) + _money_words(m.group(2), m.group(3), m.group(4) or m.group(5))
+
+
+def _minus(sign: str | None) -> str:
+    return "minus " if sign else ""
 
 
 def _money_code(m: re.Match[str]) -> str:
@@ -226,8 +245,8 @@ def _money_code(m: re.Match[str]) -> str:
 
 
 def _unit(m: re.Match[str]) -> str:
-    one, many = UNITS[m.group(2)]
-    return f"{decimal(m.group(1))} {one if m.group(1) == '1' else many}"
+    one, many = UNITS[m.group(3)]
+    return f"{_minus(m.group(1))}{decimal(m.group(2))} {one if m.group(2) == '1' else many}"
 
 
 def _fraction(m: re.Match[str]) -> str:
@@ -319,7 +338,10 @@ def _tidy(text: str) -> str:
     return text if re.search(r"\w", text) else ""
 
 
+_SIGN = r"((?<![\w.])[-\u2212])?"  # a minus sign: a dash not glued to a word or number before it
+
 STEPS: list[Callable[[str], str]] = [
+    _controls,
     _unicode,
     _markdown,
     _sub(r"</?[A-Za-z][^>\n]*>", lambda m: " "),  # HTML tags
@@ -334,10 +356,10 @@ STEPS: list[Callable[[str], str]] = [
     _sub(rf"\b(\d{{1,2}})(?:st|nd|rd|th)?\s+(?:of\s+)?({_MONTH_RE})(?:,?\s+(\d{{4}})\b)?", _day_month),
     _sub(rf"\b(\d{{1,2}}):(\d{{2}})(?::(\d{{2}}))?(?:\s*{_MERIDIEM})?", _time),
     _sub(rf"\b(\d{{1,2}})()()\s*{_MERIDIEM}", _time),
-    _sub(rf"([$€£¥₹])\s?({_NUM})(?:\s?(k|K|m|M|bn|B)\b|\s+(thousand|million|billion|trillion)\b)?", _money),
+    _sub(rf"{_SIGN}([$€£¥₹])\s?({_NUM})(?:\s?(k|K|m|M|bn|B)\b|\s+(thousand|million|billion|trillion)\b)?", _money),
     _sub(rf"\b({_NUM})\s?(USD|EUR|GBP|JPY|INR)\b", _money_code),
-    _sub(rf"(-?(?:{_NUM}))\s?%", lambda m: f"{decimal(m.group(1))} percent"),
-    _sub(rf"\b({_NUM})\s?({'|'.join(re.escape(u) for u in sorted(UNITS, key=len, reverse=True))})(?![\w/])", _unit),
+    _sub(rf"{_SIGN}({_NUM})\s?%", lambda m: f"{_minus(m.group(1))}{decimal(m.group(2))} percent"),
+    _sub(rf"{_SIGN}\b({_NUM})\s?({'|'.join(re.escape(u) for u in sorted(UNITS, key=len, reverse=True))})(?![\w/])", _unit),
     _sub(r"\b(\d+)(?:st|nd|rd|th)\b", lambda m: ordinal(int(m.group(1)))),
     _sub(r"\(?\b\d{3}\)?[-.\s]\d{3}[-.]\d{4}\b|\b\d{3}-\d{4}\b",
          lambda m: ", ".join(digits(g) for g in re.findall(r"\d+", m.group(0)))),
