@@ -42,13 +42,19 @@ class FailingCapture(Recorder):
 
 
 class CorruptingCapture(Recorder):
-    """A graph with a bug: its replay gets codebook 1 wrong."""
+    """A graph with a bug: its replay gets codebook 1 wrong (or, ``raising``, fails)."""
+
+    def __init__(self, raising: bool = False) -> None:
+        super().__init__()
+        self.raising = raising
 
     def record(self, unit: GraphedFrame) -> Callable[[], None]:
         step = super().record(unit)
         codes = unit.loop.decodable_codes or unit.loop.vocab
 
         def replay() -> None:
+            if self.raising:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
             step()
             unit.codes[1] = (unit.codes[1] + 1) % codes
 
@@ -103,10 +109,11 @@ def test_a_failed_capture_gives_eager_codes_and_is_not_retried(
     assert [r.getMessage().count("\n") for r in caplog.records] == [0]  # one line, once
 
 
+@pytest.mark.parametrize("raising", [False, True], ids=["differs", "fails"])
 def test_a_graph_that_disagrees_with_eager_is_turned_off(
-    tiny_engine: Engine, reference, caplog: pytest.LogCaptureFixture
+    tiny_engine: Engine, reference, caplog: pytest.LogCaptureFixture, raising: bool
 ) -> None:
-    corrupt = CorruptingCapture()
+    corrupt = CorruptingCapture(raising)
     engine = engine_with(tiny_engine, corrupt)
     with caplog.at_level(logging.WARNING, logger="companion.engine.cuda_graphs"):
         codes = codes_of(engine, reference)

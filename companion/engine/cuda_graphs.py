@@ -174,10 +174,13 @@ class FrameGraphs:
         if unit is None:
             return None
         if greedy not in self.checked and max_frames > 0:
-            if not self._self_check(unit, hidden, min(SELF_CHECK_FRAMES, max_frames)):
-                self._turn_off(
-                    "the GPU replay of a frame differed from the step-by-step path in a self-check"
-                )
+            try:
+                same = self._self_check(unit, hidden, min(SELF_CHECK_FRAMES, max_frames))
+            except Exception as err:  # a replay that fails is as bad as one that differs
+                self._turn_off(f"replaying a frame failed in a self-check ({type(err).__name__}: {err})")
+                return None
+            if not same:
+                self._turn_off("the replay of a frame differed from the step-by-step path in a self-check")
                 return None
             self.checked.add(greedy)
         unit.sampler.configure(temperature, topk, seed)
