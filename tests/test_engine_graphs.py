@@ -22,15 +22,22 @@ TEXT = "Replay me, please."
 
 
 class Recorder(Capture):
-    """Replays eagerly (after the warm-up a real capture does), counting captures."""
+    """Replays eagerly (after the warm-up a real capture does), counting captures and checking that
+    the warm-up left the cached prefix's keys and values alone."""
 
     def __init__(self) -> None:
         super().__init__()
         self.captures = 0
+        self.prefix_intact: list[bool] = []
 
     def record(self, unit: GraphedFrame) -> Callable[[], None]:
         self.captures += 1
-        return super().record(unit)
+        loop = unit.loop
+        before = [k[:, :, : loop.length].clone() for k in loop.backbone.keys]
+        replay = super().record(unit)
+        after = [k[:, :, : loop.length] for k in loop.backbone.keys]
+        self.prefix_intact.append(all(torch.equal(a, b) for a, b in zip(before, after, strict=True)))
+        return replay
 
 
 class FailingCapture(Recorder):
@@ -80,7 +87,7 @@ def test_greedy_codes_through_the_recorded_graph_equal_eager(tiny_engine: Engine
     assert eager.graphs is None  # no capture on a CPU by default
     first = codes_of(graphed, reference)
     assert torch.equal(first, codes_of(eager, reference))
-    assert recorder.captures == 1 and recorder.off is None
+    assert recorder.captures == 1 and recorder.off is None and recorder.prefix_intact == [True]
     # Warm-up and self-check wrote nothing the cache claims: it holds the prompt and the fed frames.
     prompt = graphed.last_stats.prompt_positions
     assert graphed.loop.length == prompt + GREEDY.max_frames
