@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="full", choices=["full", "tiny"], help="tiny: a quick check of the script")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--delays", default="3,8,15", help="seconds after the start to send SIGINT")
+    parser.add_argument("--unchunked", type=int, default=0, metavar="N",
+                        help="also time N cold prefills in one chunk, alternating with chunked ones")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
@@ -88,15 +90,25 @@ def main(argv: list[str] | None = None) -> int:
     full = cold_turn(engine, context, None)
     full["seconds"] = time.perf_counter() - start
     print(f"cold prefill of {full['prompt_positions']} positions: {full['seconds']:.1f} s", file=sys.stderr)
+    # What chunking costs: cold prefills in chunks and in one piece, alternating (load affects both).
+    compare: dict[str, list[float]] = {"chunked_s": [full["seconds"]], "one_chunk_s": []}
+    for _ in range(args.unchunked):
+        for key, chunk in (("one_chunk_s", full["prompt_positions"]), ("chunked_s", PREFILL_CHUNK)):
+            engine.loop.chunk = chunk
+            start = time.perf_counter()
+            cold_turn(engine, context, None)
+            compare[key].append(time.perf_counter() - start)
+            print(f"cold prefill, {key}: {compare[key][-1]:.1f} s", file=sys.stderr)
+    engine.loop.chunk = PREFILL_CHUNK
     runs = []
-    for delay in [float(d) for d in args.delays.split(",")]:
+    for delay in [float(d) for d in args.delays.split(",") if d]:
         run = cancelled_turn(engine, context, delay)
         runs.append(run)
         print(f"SIGINT after {delay:.1f} s: stopped {run['latency_ms']} ms later, "
               f"{run['prefill_positions']} positions kept", file=sys.stderr)
     out = {
         "model": label, "dtype": args.dtype, "threads": torch.get_num_threads(), "chunk": PREFILL_CHUNK,
-        "cold_prefill": full, "cancels": runs,
+        "cold_prefill": full, "cancels": runs, "chunking": compare,
         "latency_ms_max": max((r["latency_ms"] for r in runs if r["latency_ms"] is not None), default=None),
     }  # fmt: skip
     text = json.dumps(out, indent=2)
