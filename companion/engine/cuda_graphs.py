@@ -222,4 +222,4 @@ class FrameGraphs:
 
     def _turn_off(self, why: str) -> None:
         self.capture.off = why
-        log.warning("%s; generating step by step (same audio, slower) for the rest of this run", why)
+        log.warning("CUDA graphs turned off for this run: %s; generating without them (slower)", why)
