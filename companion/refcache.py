@@ -1,7 +1,8 @@
 """Encoded-reference cache: the Mimi codes ``(K, T)`` of a prepared reference, on disk (safetensors).
 
 The key is the raw audio files' content hashes + the preparation settings (and pipeline version) + the
-engine's ``model_key``. The transcript is not part of it: the codes depend on the audio only. A hit
+engine's ``model_key`` + its ``codec_key`` (the codec's dtype and device: codes encoded in another
+precision or on another device may differ, so they are never reused across them). The transcript is not part of it: the codes depend on the audio only. A hit
 costs hashing the files and reading one small safetensors file: no decoding, preparation or codec.
 """
 
@@ -42,13 +43,15 @@ class ReferenceCache:
         self.hits = 0
         self.misses = 0
 
-    def key(self, files: Sequence[Path], settings: ReferenceSettings, model_key: str) -> str:
-        """The cache key for these audio files, prepared with ``settings``, encoded by ``model_key``."""
+    def key(self, files: Sequence[Path], settings: ReferenceSettings, model_key: str, codec_key: str) -> str:
+        """The cache key for these audio files, prepared with ``settings``, encoded by ``model_key``'s
+        codec as ``codec_key`` describes it (dtype and device)."""
         parts = {
             "format": CACHE_FORMAT,
             "audio": [file_digest(f) for f in files],
             "preparation": settings_fingerprint(settings),
             "model": model_key,
+            "codec": codec_key,
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:40]
 

@@ -325,6 +325,7 @@ class ReferenceEncoder(Protocol):
     """What ``load_voice`` needs from the engine."""
 
     model_key: str
+    codec_key: str  # the codec's dtype and device (part of the reference-cache key)
 
     def encode(self, audio: np.ndarray) -> torch.Tensor: ...
 
@@ -353,7 +354,7 @@ def load_voice(
     files = profile.audio_paths(paths)
     if not files:
         return voice
-    key = cache.key(files, settings, engine.model_key)
+    key = cache.key(files, settings, engine.model_key, engine.codec_key)
     voice.codes = cache.get(key)
     if voice.codes is not None:
         voice.cache_hit = True

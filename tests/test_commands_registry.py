@@ -110,3 +110,19 @@ def test_names_and_aliases_are_unique():
 def test_the_docs_table_is_the_registry():
     docs = (Path(__file__).resolve().parents[1] / "docs" / "chat.md").read_text(encoding="utf-8")
     assert build_registry().markdown() in docs, "docs/chat.md: paste build_registry().markdown() again"
+
+
+@pytest.mark.parametrize(("max_seq_len", "noted"), [(4096, True), (2048, False)])
+def test_context_mentions_the_trained_length_only_beyond_it(tiny_engine, max_seq_len: int, noted: bool) -> None:
+    from companion.engine import Engine
+    from companion.repl.slash import show_context
+    from companion.session import Session
+
+    engine = Engine(tiny_engine.model, tiny_engine.processor, "ctx", max_seq_len=max_seq_len)
+    buffer = io.StringIO()
+    ctx = make_context(buffer)
+    ctx.session = Session(engine, Settings(), None, VoiceStore())
+    show_context(ctx, "")  # what /context runs on the turn worker
+    shown = buffer.getvalue()
+    assert "positions used" in shown
+    assert ("trained on 2048 positions" in shown) == noted

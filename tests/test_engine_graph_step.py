@@ -1,14 +1,15 @@
 """The CUDA-graph frame step and the Gumbel-max sampler, run eagerly on CPU.
 
 Capture itself needs a GPU; what is captured (``GraphedFrame.step``: static-shape backbone step with
-a position mask, sampling from a fixed noise buffer) is plain torch and is checked here."""
+a position mask, sampling from a fixed noise buffer) is plain torch and is checked here; the logic
+around capture is in test_engine_graphs.py."""
 
 from __future__ import annotations
 
 import torch
 
 from companion.engine import Engine, GenerationOptions
-from companion.engine.cuda_graphs import GraphedFrame
+from companion.engine.cuda_graphs import Capture, GraphedFrame
 from companion.engine.sampling import Sampler
 
 
@@ -21,7 +22,8 @@ def test_static_step_gives_the_eager_greedy_codes(tiny_engine: Engine) -> None:
     engine.loop.reset()
     hidden, _ = engine.loop.prefill(rows)
     sampler = Sampler(0.0, 1, 0, engine.device, engine.num_codebooks)
-    unit = GraphedFrame(engine.loop, sampler, capture=False)
+    unit = GraphedFrame(engine.loop, sampler)
+    unit.replay = Capture().record(unit)  # the step itself, after a warm-up at the scratch position
     static = torch.stack(list(unit.frames(hidden, 10)))
     assert torch.equal(static, eager)
     # Every frame was fed (and recorded), as the captured graph does.

@@ -98,3 +98,11 @@ def test_a_prompt_that_cannot_fit_is_refused_before_generating(tiny_engine: Engi
     # Exactly the budget fits (a shorter cap keeps the test fast).
     engine = fresh(tiny_engine, max_seq_len=prompt + 12)
     assert len(list(engine.stream(reference, 0, "Hi.", GenerationOptions(max_frames=12, seed=0)))) > 0
+
+
+def test_mimi_runs_in_float32_whatever_the_model_dtype(tiny_model_dir: Path, tiny_engine: Engine) -> None:
+    model = CsmForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    assert model.codec_model.dtype == torch.bfloat16
+    engine = Engine(model, tiny_engine.processor, "bf16", max_seq_len=128)
+    assert model.codec_model.dtype == torch.float32 and engine.dtype == torch.bfloat16
+    assert engine.codec_key == "mimi float32 cpu"

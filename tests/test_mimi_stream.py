@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import transformers
 from transformers import MimiConfig, MimiModel
+from transformers.models.mimi import modeling_mimi as mm
 from transformers.models.mimi.modeling_mimi import MimiEuclideanCodebook
 
-from companion.engine.mimi_stream import SAMPLES_PER_FRAME, MimiStreamDecoder
+from companion.engine.mimi_stream import SAMPLES_PER_FRAME, TRANSFORMERS_RANGE, MimiStreamDecoder
 from companion.errors import CompanionError
 
 CODEBOOKS = 8
@@ -138,3 +142,26 @@ def test_unsupported_structure_fails_loudly() -> None:
     """A Mimi whose convolutions are not causal cannot stream: one clear error at construction."""
     with pytest.raises(CompanionError, match="streaming Mimi decode does not support"):
         MimiStreamDecoder(tiny_mimi(use_causal_conv=False, trim_right_ratio=1.0))
+
+
+@pytest.mark.parametrize("part", ["rotary_emb", "apply_rotary_pos_emb"])
+def test_a_missing_rotary_embedding_fails_at_construction(part: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both rotary pieces are checked up front (not a bare AttributeError in the first turn)."""
+    mimi = tiny_mimi()
+    if part == "rotary_emb":
+        del mimi.decoder.decoder_transformer.rotary_emb
+    else:
+        monkeypatch.delattr(mm, "apply_rotary_pos_emb")
+    with pytest.raises(CompanionError, match=part) as err:
+        MimiStreamDecoder(mimi)
+    assert TRANSFORMERS_RANGE in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_accepted_transformers_range_is_the_pinned_one() -> None:
+    """The error's advice and pyproject.toml name the same versions, and this one is among them."""
+    from packaging.specifiers import SpecifierSet
+
+    pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text(encoding="utf-8")
+    (pin,) = re.findall(r'^\s*"(transformers[^"]*)"', pyproject, flags=re.M)
+    assert pin == f"transformers{TRANSFORMERS_RANGE}"
+    assert transformers.__version__ in SpecifierSet(TRANSFORMERS_RANGE)

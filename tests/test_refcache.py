@@ -92,7 +92,7 @@ def test_editing_the_audio_invalidates(data_dir: Path, counting: CountingEngine)
     assert counting.encode_calls == 2
 
 
-def test_settings_and_model_are_part_of_the_key_but_not_the_transcript(
+def test_settings_model_and_codec_are_part_of_the_key_but_not_the_transcript(
     data_dir: Path, counting: CountingEngine
 ) -> None:
     profile = _profile("guest", data_dir / "guest_22k.wav", data_dir / "guest.txt")
@@ -108,8 +108,17 @@ def test_settings_and_model_are_part_of_the_key_but_not_the_transcript(
         assert not load_voice(profile, counting, ReferenceSettings(), cache).cache_hit
     finally:
         counting.model_key = key
-    assert counting.encode_calls == 4
-    assert len(list(cache.directory.glob("*.safetensors"))) == 4
+    # Codes encoded by the codec in another precision or on another device are not reused.
+    codec = counting.codec_key
+    assert codec == "mimi float32 cpu"
+    try:
+        counting.codec_key = "mimi bfloat16 cuda"
+        assert not load_voice(profile, counting, ReferenceSettings(), cache).cache_hit
+    finally:
+        counting.codec_key = codec
+    assert load_voice(profile, counting, ReferenceSettings(), cache).cache_hit
+    assert counting.encode_calls == 5
+    assert len(list(cache.directory.glob("*.safetensors"))) == 5
 
 
 def test_cache_files_are_safetensors_and_written_atomically(data_dir: Path, counting: CountingEngine) -> None:

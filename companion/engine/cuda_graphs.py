@@ -1,13 +1,24 @@
-"""One generated frame captured as a CUDA graph (CUDA only; eager everywhere else).
+"""One generated frame as a replayable unit: a CUDA graph on CUDA, and the same logic eagerly in tests.
 
 A frame is ~300 small kernels (31 depth-decoder steps + one backbone step); at batch 1 on a GPU their
-launch overhead, not the arithmetic, sets the speed. ``GraphedFrame`` records the whole frame once:
-sampling (the Sampler's static noise buffer), the depth decoder at fixed positions 0..K, and the
-backbone feed through ``DecoderStack.forward_at`` (static shapes: the full cache with a position mask,
-the position in a device tensor that the graph itself advances). Each frame then costs one replay and
-one host sync for the end-of-speech check.
+launch overhead, not the arithmetic, sets the speed. ``GraphedFrame.step`` is the whole frame with
+static shapes: sampling (the Sampler's static noise, temperature and top-k tensors), the depth decoder
+at fixed positions 0..K, and the backbone feed through ``DecoderStack.forward_at`` (the full cache with
+a position mask, the position in a device tensor that the step itself advances). Recorded once, each
+frame then costs one replay and one host sync for the end-of-speech check.
 
-The same ``step()`` runs eagerly with ``capture=False``, which is how the CPU tests check its logic.
+How a step becomes a replay is a strategy, ``Capture``: the base class replays the step eagerly (what
+the CPU tests drive, optionally recording, failing or corrupting), ``CudaGraphCapture`` records a CUDA
+graph. ``FrameGraphs`` holds the logic around it, the same on every device:
+
+- one unit per kind of sampling (greedy, or temperature + top-k: both values live in device tensors,
+  so changing them re-captures nothing), all captured into one memory pool;
+- warm-up and capture run at the backbone's scratch position, after the context: the cached prefix is
+  never touched;
+- a self-check at each unit's first use: a few greedy frames replayed and run eagerly from the same
+  state (both write only past the cached prefix); any difference turns graphs off;
+- a failed capture or self-check turns graphs off for as long as the ``Capture`` lives (the CUDA one
+  lives as long as the process), with one line saying so; generation goes on eagerly, exactly.
 """
 
 from __future__ import annotations
@@ -15,17 +26,17 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
+from companion.engine.frames import FrameLoop
 from companion.engine.sampling import Sampler
 
-if TYPE_CHECKING:
-    from companion.engine.frames import FrameLoop
-
 log = logging.getLogger(__name__)
+
+SELF_CHECK_FRAMES = 3
 
 
 def graphs_wanted(device: torch.device) -> bool:
@@ -34,18 +45,16 @@ def graphs_wanted(device: torch.device) -> bool:
 
 
 class GraphedFrame:
-    """The per-frame work of ``loop`` with ``sampler``'s settings, as one replayable unit."""
+    """The per-frame work of ``loop`` with static buffers, sampling with its own ``sampler``."""
 
-    def __init__(self, loop: FrameLoop, sampler: Sampler, capture: bool = True) -> None:
+    def __init__(self, loop: FrameLoop, sampler: Sampler) -> None:
         self.loop, self.sampler = loop, sampler
         width = loop.lm_head.shape[1]
-        # Static buffers: the graph reads hidden/pos and writes codes/hidden/pos.
+        # Static buffers: the step reads hidden/pos and writes codes/hidden/pos.
         self.hidden = torch.zeros(1, 1, width, dtype=loop.lm_head.dtype, device=loop.device)
         self.pos = torch.zeros((), dtype=torch.long, device=loop.device)
         self.codes = torch.zeros(loop.num_codebooks, dtype=torch.long, device=loop.device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        if capture:
-            self._capture()
+        self.replay: Callable[[], None] | None = None
 
     def step(self) -> None:
         """One frame from ``hidden`` at ``pos``: codes, then feed them, advance ``pos``."""
@@ -56,35 +65,29 @@ class GraphedFrame:
         self.hidden.copy_(fed)
         self.pos.add_(1)
 
-    def _capture(self) -> None:
-        # Warm up on a side stream (allocations, kernel selection), then record one step. Both write
-        # keys/values at position 0, so the caller resets the prefix cache afterwards.
-        stream = torch.cuda.Stream(self.loop.device)
-        stream.wait_stream(torch.cuda.current_stream(self.loop.device))
-        with torch.cuda.stream(stream), torch.no_grad():
-            for _ in range(2):
-                self.pos.zero_()
-                self.step()
-        torch.cuda.current_stream(self.loop.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.no_grad():
+    def warm_up(self) -> None:
+        """Run one step at the scratch position (allocations, kernel choice) without touching the context."""
+        self.load(torch.zeros_like(self.hidden), self.loop.scratch)
+        with torch.no_grad():
             self.step()
-        self.graph = graph
+
+    def load(self, hidden: torch.Tensor, position: int) -> None:
+        """Point the step at `(1, 1, H)` ``hidden`` for the frame at backbone ``position``."""
+        self.hidden.copy_(hidden)
+        self.pos.fill_(position)
 
     def run(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            with torch.no_grad():
-                self.step()
+        """One frame through the recorded replay."""
+        assert self.replay is not None
+        with torch.no_grad():
+            self.replay()
 
     def frames(
         self, hidden: torch.Tensor, max_frames: int, cancel: threading.Event | None = None
     ) -> Iterator[torch.Tensor]:
         """Like ``FrameLoop.frames``: frames `(K,)` until the end frame, the cap or ``cancel``."""
         loop = self.loop
-        self.hidden.copy_(hidden)
-        self.pos.fill_(loop.length)
+        self.load(hidden, loop.length)
         for _ in range(max_frames):
             if cancel is not None and cancel.is_set():
                 return
@@ -93,25 +96,130 @@ class GraphedFrame:
             frame = self.codes.clone()
             if not bool(frame.any()):  # the one host sync per frame
                 return
-            # The graph always feeds the frame back: record it as cached.
+            # The step always feeds the frame back: its keys/values are written, so record it.
             loop.record_frame(frame)
             yield frame
 
 
-def graphed(loop: FrameLoop, sampler: Sampler, cache: dict[tuple, GraphedFrame]) -> GraphedFrame | None:
-    """The captured frame for ``sampler``'s settings (captured on first use), or None to stay eager."""
-    key = (sampler.greedy, sampler.temperature, sampler.noise.shape[1], sampler.codes)
-    if key in cache:
-        unit = cache[key]
-        sampler.noise = unit.sampler.noise  # the graph reads this buffer; this call's generator fills it
-        unit.sampler = sampler
-        return unit
-    try:
+class Capture:
+    """How a ``GraphedFrame``'s step becomes a replay. This base replays the step eagerly (after the
+    warm-up a real capture does); subclasses record it. ``off`` says why units are no longer made (None
+    while they are): it is remembered for as long as this object lives."""
+
+    def __init__(self) -> None:
+        self.off: str | None = None
+
+    def record(self, unit: GraphedFrame) -> Callable[[], None]:
+        unit.warm_up()
+        return unit.step
+
+
+class CudaGraphCapture(Capture):
+    """Records the step as a CUDA graph; every graph of the process shares one memory pool. (Each
+    graph's inputs and outputs live in buffers allocated before capture, so graphs sharing the pool may
+    replay in any order.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool: Any = None  # the pool handle of the first graph
+
+    def record(self, unit: GraphedFrame) -> Callable[[], None]:
+        device = unit.loop.device
+        # Warm up on a side stream (allocations, kernel selection), then record one step.
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                unit.warm_up()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool), torch.no_grad():
+            unit.step()
+        if self.pool is None:
+            self.pool = graph.pool()
+        return graph.replay
+
+
+CUDA_GRAPHS = CudaGraphCapture()  # the process's: a failure or a failed self-check is remembered here
+
+
+def default_capture(device: torch.device) -> Capture | None:
+    """The process's CUDA graph capture on CUDA (unless ``COMPANION_CUDA_GRAPHS=0``); None elsewhere."""
+    return CUDA_GRAPHS if graphs_wanted(device) else None
+
+
+class FrameGraphs:
+    """The captured frames of one ``FrameLoop``: at most one unit per kind of sampling (greedy or not)."""
+
+    def __init__(self, loop: FrameLoop, capture: Capture) -> None:
+        self.loop, self.capture = loop, capture
+        self.units: dict[bool, GraphedFrame] = {}  # greedy -> unit
+        self.checked: set[bool] = set()
+
+    def frames(
+        self,
+        hidden: torch.Tensor,
+        temperature: float,
+        topk: int,
+        seed: int | None,
+        max_frames: int,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[torch.Tensor] | None:
+        """Frames through a replayed unit, or None when graphs are off (the caller generates eagerly).
+        ``hidden`` `(1, 1, H)` is the state after the prompt, at position ``loop.length``."""
+        if self.capture.off is not None:
+            return None
+        greedy = temperature <= 0.0 or topk <= 1
+        unit = self._unit(greedy)
+        if unit is None:
+            return None
+        if greedy not in self.checked and max_frames > 0:
+            try:
+                same = self._self_check(unit, hidden, min(SELF_CHECK_FRAMES, max_frames))
+            except Exception as err:  # a replay that fails is as bad as one that differs
+                self._turn_off(f"replaying a frame failed in a self-check ({type(err).__name__}: {err})")
+                return None
+            if not same:
+                self._turn_off("the replay of a frame differed from the step-by-step path in a self-check")
+                return None
+            self.checked.add(greedy)
+        unit.sampler.configure(temperature, topk, seed)
+        return unit.frames(hidden, max_frames, cancel)
+
+    def _unit(self, greedy: bool) -> GraphedFrame | None:
+        """The unit for this kind of sampling, captured on first use; None (graphs off) if capture fails."""
+        if greedy in self.units:
+            return self.units[greedy]
+        loop = self.loop
+        sampler = Sampler(
+            0.0 if greedy else 1.0, 1 if greedy else 2, 0, loop.device, loop.num_codebooks,
+            loop.decodable_codes, width=loop.decodable_codes or loop.vocab,
+        )  # fmt: skip
         unit = GraphedFrame(loop, sampler)
-    except Exception as err:  # capture is an optimisation: fall back to eager, once, with the reason
-        log.warning("CUDA graph capture failed (%s: %s); generating eagerly", type(err).__name__, err)
-        return None
-    finally:
-        loop.reset()  # warm-up and capture wrote position 0
-    cache[key] = unit
-    return unit
+        try:
+            unit.replay = self.capture.record(unit)
+        except Exception as err:  # capture is an optimisation: generate eagerly from now on
+            self._turn_off(f"capturing a frame failed ({type(err).__name__}: {err})")
+            return None
+        self.units[greedy] = unit
+        return unit
+
+    def _self_check(self, unit: GraphedFrame, hidden: torch.Tensor, frames: int) -> bool:
+        """Whether ``frames`` greedy frames from ``hidden`` are the same replayed and run eagerly. Both
+        write keys/values only at positions after the cached prefix (nothing is recorded)."""
+        runs = []
+        for run in (unit.run, unit.step):
+            unit.load(hidden, self.loop.length)
+            unit.sampler.configure(1.0, 1, 0)  # top-1: deterministic whatever the noise
+            codes = []
+            for _ in range(frames):
+                unit.sampler.begin_frame()
+                with torch.no_grad():
+                    run()
+                codes.append(unit.codes.clone())
+            runs.append(torch.stack(codes))
+        return torch.equal(runs[0], runs[1])
+
+    def _turn_off(self, why: str) -> None:
+        self.capture.off = why
+        log.warning("CUDA graphs turned off for this run: %s; generating without them (slower)", why)

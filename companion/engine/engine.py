@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from companion.engine.cuda_graphs import Capture, FrameGraphs, default_capture
 from companion.engine.errors import ContextTooLong
 from companion.engine.frames import FrameLoop
 from companion.engine.loading import load_csm, resolve_model_dir, select_device, select_dtype
@@ -39,7 +40,15 @@ class Engine:
     sample_rate: int = 24000
     frame_rate: float = 12.5
 
-    def __init__(self, model: Any, processor: Any, model_key: str, max_seq_len: int = 4096) -> None:
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        model_key: str,
+        max_seq_len: int = 4096,
+        capture: Capture | None = None,
+    ) -> None:
+        """``capture``: how frames are recorded for replay (default: CUDA graphs on CUDA, none elsewhere)."""
         self.model = model
         self.processor = processor
         self.model_key = model_key
@@ -49,13 +58,15 @@ class Engine:
         self.dtype = model.lm_head.weight.dtype
         self.prompt = PromptBuilder(processor.tokenizer, self.num_codebooks)
         self.loop = FrameLoop(model, max_seq_len)
-        if self.device.type == "cpu":
-            # bf16 convolutions are slow on CPUs and Mimi is a small share of the weights: keep it fp32.
-            model.codec_model.float()
+        capture = capture if capture is not None else default_capture(self.device)
+        self.graphs = FrameGraphs(self.loop, capture) if capture is not None else None
+        # Mimi in float32 on every device: bf16 convolutions are slow on CPUs, lose precision on GPUs, and
+        # Mimi is a small share of the weights. Reference codes are cached under ``codec_key``.
+        model.codec_model.float()
+        self.codec_key = f"mimi float32 {self.device.type}"
         self.mimi = MimiStreamDecoder(model.codec_model)
         # Codes >= this cannot be decoded by Mimi: never sample them (None when every code is decodable).
-        codec_size = int(model.codec_model.config.codebook_size)
-        self.decodable_codes = codec_size if codec_size < model.config.vocab_size else None
+        self.decodable_codes = self.loop.decodable_codes
         self.last_stats = EngineStats()
 
     @classmethod
@@ -128,23 +139,17 @@ class Engine:
     ) -> Iterator[AudioChunk]:
         stats = self.last_stats = EngineStats(prompt_positions=len(rows))
         start = time.perf_counter()
-        # Step 1: prefill what the cache does not hold yet.
-        hidden, stats.prefill_positions = self.loop.prefill(rows)
+        # Step 1: prefill what the cache does not hold yet (nothing more when cancelled meanwhile).
+        hidden, stats.prefill_positions = self.loop.prefill(rows, cancel)
         self._sync()
         stats.prefill_ms = (time.perf_counter() - start) * 1000
-        # Step 2: generate frames, decoding them in growing chunks.
-        sampler = Sampler(
-            options.temperature,
-            options.topk,
-            options.seed,
-            self.device,
-            self.num_codebooks,
-            self.decodable_codes,
-        )
+        if hidden is None:
+            return
+        # Step 2: generate frames (replayed graphs when available), decoding them in growing chunks.
         self.mimi.reset()
         sizes, pending, gen_s = chunk_sizes(), [], 0.0
         want = next(sizes)
-        frames = self.loop.frames(hidden, sampler, options.max_frames, cancel)
+        frames = self._frames(hidden, options, cancel)
         while True:
             t = time.perf_counter()
             frame = next(frames, None)
@@ -158,6 +163,18 @@ class Engine:
                 pending, want = [], next(sizes)
             if frame is None:
                 break
+
+    def _frames(
+        self, hidden: torch.Tensor, options: GenerationOptions, cancel: threading.Event | None
+    ) -> Iterator[torch.Tensor]:
+        """Frames `(K,)` after the prompt whose last hidden state is `(1, 1, H)` ``hidden``."""
+        o = options
+        if self.graphs is not None:
+            graphed = self.graphs.frames(hidden, o.temperature, o.topk, o.seed, o.max_frames, cancel)
+            if graphed is not None:
+                return graphed
+        sampler = Sampler(o.temperature, o.topk, o.seed, self.device, self.num_codebooks, self.decodable_codes)
+        return self.loop.frames(hidden, sampler, o.max_frames, cancel)
 
     def _chunk(self, codes: torch.Tensor, stats: EngineStats, start: float) -> AudioChunk:
         """Decode `(K, f)` new frames with the streaming Mimi decoder."""

@@ -6,7 +6,12 @@ starts with ONE call over two positions ``[backbone hidden, embed(c0)]`` and the
 and fed back to the backbone at the next position. Both transformers keep static KV caches.
 
 The loop also remembers which rows (see ``prompt.py``) its backbone cache holds, so the next prompt
-only prefills what differs (prefix reuse).
+only prefills what differs (prefix reuse). That record changes only after the forward that wrote the
+keys and values it claims has finished: an exception or a cancel in the middle of a call leaves a
+record that is still true, so the next call is exactly what a fresh engine would do.
+
+Prefill runs in chunks of ``PREFILL_CHUNK`` positions (bounding attention memory for long prompts),
+and ``cancel`` is honoured before every layer of every chunk.
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from companion.engine.cuda_graphs import GraphedFrame, graphed, graphs_wanted
 from companion.engine.prompt import NO_TOKEN, common_prefix
 from companion.engine.sampling import Sampler
-from companion.engine.stack import DecoderStack
+from companion.engine.stack import DecoderStack, Stopped
+
+PREFILL_CHUNK = 256  # positions per prefill forward
 
 
 class FrameLoop:
@@ -33,8 +39,10 @@ class FrameLoop:
         self.vocab = cfg.vocab_size
         self.max_seq_len = max_seq_len
         backbone, depth = model.backbone_model, model.depth_decoder.model
-        # Step 1: the two transformers with static caches (the depth decoder needs K + 1 positions).
-        self.backbone = DecoderStack(backbone.layers, backbone.norm, backbone.rotary_emb, cfg, max_seq_len)
+        # Step 1: the two transformers with static caches (the depth decoder needs K + 1 positions). The
+        # backbone has one spare position after the context, ``scratch``, where a graph warms up.
+        self.scratch = max_seq_len
+        self.backbone = DecoderStack(backbone.layers, backbone.norm, backbone.rotary_emb, cfg, max_seq_len + 1)
         dcfg = model.depth_decoder.config
         self.depth = DecoderStack(depth.layers, depth.norm, depth.rotary_emb, dcfg, self.num_codebooks + 1)
         # Step 2: embeddings and heads.
@@ -51,10 +59,10 @@ class FrameLoop:
             (max_seq_len, self.num_codebooks + 1), NO_TOKEN, dtype=torch.long, device=self.device
         )
         self.length = 0
-        self._last_prompt = self._rows[:0]
-        # Step 4: on CUDA, frames replay captured graphs (one per sampling setting).
-        self.use_graphs = graphs_wanted(self.device)
-        self._graphs: dict[tuple, GraphedFrame] = {}
+        self.chunk = PREFILL_CHUNK
+        # Codes Mimi can decode (the sampler never picks others).
+        codec_size = int(model.codec_model.config.codebook_size)
+        self.decodable_codes = codec_size if codec_size < self.vocab else None
 
     @property
     def rows(self) -> torch.Tensor:
@@ -73,17 +81,31 @@ class FrameLoop:
         return min(common_prefix(self.rows, rows), len(rows) - 1)
 
     @torch.no_grad()
-    def prefill(self, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Prefill `(P, K + 1)` prompt rows after the reusable prefix.
+    def prefill(
+        self, rows: torch.Tensor, cancel: threading.Event | None = None
+    ) -> tuple[torch.Tensor | None, int]:
+        """Prefill `(P, K + 1)` prompt rows after the reusable prefix, chunk by chunk.
 
-        Returns the last position's normed hidden state `(1, 1, H)` and the number of positions prefilled.
+        Returns the last position's normed hidden state `(1, 1, H)` (None when ``cancel`` stopped it)
+        and the number of positions prefilled.
         """
         rows = rows.to(self.device)
         start = self.reusable_prefix(rows)
-        hidden = self.backbone.forward(self.embed_rows(rows[start:]), start)
-        self._rows[start : len(rows)] = rows[start:]
-        self.length = len(rows)
-        self._last_prompt = rows
+        # Step 1: forget the cached rows this prompt does not share (their keys/values get overwritten).
+        self.length = start
+        stop = cancel.is_set if cancel is not None else None
+        hidden = None
+        for begin in range(start, len(rows), self.chunk):
+            end = min(begin + self.chunk, len(rows))
+            # Step 2: one chunk through the backbone (cancel is checked before each layer).
+            try:
+                hidden = self.backbone.forward(self.embed_rows(rows[begin:end]), begin, stop)
+            except Stopped:
+                return None, begin - start
+            # Step 3: its keys and values are complete in every layer: only now record them.
+            self._rows[begin:end] = rows[begin:end]
+            self.length = end
+        assert hidden is not None  # at least the last position is always prefilled
         return hidden[:, -1:], len(rows) - start
 
     def embed_rows(self, rows: torch.Tensor) -> torch.Tensor:
@@ -115,12 +137,6 @@ class FrameLoop:
         """Yield frames `(K,)` int64 (on the model's device) until the all-zero end frame (not yielded),
         ``max_frames`` or ``cancel``. ``hidden`` is the `(1, 1, H)` state after the prompt.
         (``no_grad`` on a generator applies around each resumption, i.e. once per frame.)"""
-        unit = graphed(self, sampler, self._graphs) if self.use_graphs else None
-        if unit is not None:
-            if self.length == 0:  # capture reset the cache: prefill again (once per sampling setting)
-                hidden, _ = self.prefill(self._last_prompt)
-            yield from unit.frames(hidden, max_frames, cancel)
-            return
         for count in range(max_frames):
             if cancel is not None and cancel.is_set():
                 return

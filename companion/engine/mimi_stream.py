@@ -13,13 +13,15 @@ the state each layer needs between calls:
 
 Mimi has no lookahead, so every frame's audio is final as soon as the frame is decoded.
 
-It reads these transformers internals (checked by ``_check_structure`` at construction, so an upgrade
-that moves them fails with a clear message): ``mimi.quantizer.decode``; ``mimi.decoder.upsample``
-(``MimiConvTranspose1d``), ``mimi.decoder.decoder_transformer`` (``MimiTransformerModel``: ``layers``,
-``rotary_emb``; each layer's ``input_layernorm``, ``self_attn.{q,k,v,o}_proj``,
-``self_attn_layer_scale``, ``post_attention_layernorm``, ``mlp``, ``mlp_layer_scale``),
-``mimi.decoder.decoder_seanet.layers`` (``MimiConv1d``, ``nn.ELU``, ``MimiConvTranspose1d``,
-``MimiResnetBlock`` with ``block`` and ``shortcut``).
+It reads these transformers internals, all checked when a ``MimiStreamDecoder`` is built (by
+``_decoder_parts``, ``_Transformer.__init__`` with ``_check_layer``, and the SEANet step classes), so an
+upgrade that moves one fails at once with a one-line error instead of an AttributeError mid-turn:
+``mimi.quantizer.decode``; ``mimi.decoder.upsample`` (``MimiConvTranspose1d``),
+``mimi.decoder.decoder_transformer`` (``MimiTransformerModel``: ``layers``, ``rotary_emb``; each layer's
+``input_layernorm``, ``self_attn.{q,k,v,o}_proj``, ``self_attn.scaling``, ``self_attn_layer_scale``,
+``post_attention_layernorm``, ``mlp``, ``mlp_layer_scale``), the function
+``modeling_mimi.apply_rotary_pos_emb``, ``mimi.decoder.decoder_seanet.layers`` (``MimiConv1d``,
+``nn.ELU``, ``MimiConvTranspose1d``, ``MimiResnetBlock`` with ``block`` and ``shortcut``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from transformers.models.mimi import modeling_mimi as mm
 from companion.errors import CompanionError
 
 SAMPLES_PER_FRAME = 1920  # 24 kHz / 12.5 frames/s
+# The transformers versions this module (and the engine) accept: pyproject.toml pins the same range.
+TRANSFORMERS_RANGE = ">=5.24,<5.25"
 
 
 class _Step(Protocol):
@@ -48,7 +52,7 @@ def _unsupported(what: str) -> CompanionError:
     """The one-line error for a transformers version whose Mimi no longer looks as this module expects."""
     return CompanionError(
         f"streaming Mimi decode does not support this transformers version ({transformers.__version__}): {what}; "
-        "install the version pinned in pyproject.toml (transformers 5.24 is tested)"
+        f"install a tested one: pip install 'transformers{TRANSFORMERS_RANGE}'"
     )
 
 
@@ -179,6 +183,10 @@ class _Transformer:
                 raise _unsupported(f"decoder transformer config has no integer {name}")
         if sizes["num_attention_heads"] != sizes["num_key_value_heads"]:
             raise _unsupported("decoder transformer uses grouped key/value heads")
+        if not callable(getattr(model, "rotary_emb", None)) or not hasattr(model, "layers"):
+            raise _unsupported("the decoder transformer has no rotary_emb or layers")
+        if not callable(getattr(mm, "apply_rotary_pos_emb", None)):
+            raise _unsupported("modeling_mimi has no apply_rotary_pos_emb")
         self.model: Any = model
         self.window, self.heads, self.head_dim = cfg.sliding_window, cfg.num_attention_heads, cfg.head_dim
         for layer in model.layers:

@@ -11,9 +11,14 @@ class Sampler:
     Greedy (argmax, as transformers' ``do_sample=False``) when ``temperature`` is 0 or ``topk`` is 1.
     Otherwise top-k sampling by the Gumbel-max trick: ``argmax(logits_k / temperature + g)`` over the k
     best logits, with ``g = -log(-log(u))`` and ``u`` uniform, draws from exactly ``softmax(logits_k /
-    temperature)``. The uniforms for a whole frame `(K, k)` are drawn by ``begin_frame()`` from the
+    temperature)``. The uniforms for a whole frame `(K, width)` are drawn by ``begin_frame()`` from the
     seeded generator into a fixed buffer, so the per-codebook work has static shapes and no host
     round trip (what a CUDA graph needs).
+
+    Temperature and top-k live in 0-dim device tensors that ``configure()`` overwrites in place, so a
+    captured graph keeps reading them. ``width`` is how many best logits are ranked: top-k by default
+    (the eager path: exactly k), or a fixed width (every decodable code, for a graph) in which ranks
+    ``>= topk`` are masked out, so one graph serves every top-k.
 
     ``codes`` limits the candidates to the codes Mimi can decode: csm-1b's audio vocabulary has 2051
     entries but Mimi only 2048 codes (the last 3 are never right to emit, and would crash the decoder).
@@ -27,19 +32,32 @@ class Sampler:
         device: torch.device,
         num_codebooks: int,
         codes: int | None = None,
+        width: int | None = None,
     ) -> None:
         self.greedy = temperature <= 0.0 or topk <= 1
-        self.temperature = temperature
-        self.topk = topk
         self.codes = codes
         self.generator = torch.Generator(device=device)
+        if self.greedy:
+            self.width = 1
+        else:
+            self.width = width if width is not None else min(topk, codes or topk)
+        self.masked = width is not None and not self.greedy  # ranks beyond top-k are masked at run time
+        self.temperature = torch.ones((), dtype=torch.float32, device=device)
+        self.topk = torch.full((), self.width, dtype=torch.long, device=device)
+        self._ranks = torch.arange(self.width, device=device)  # (width,)
+        self.noise = torch.full((num_codebooks, self.width), 0.5, device=device)  # (K, width) uniforms
+        self.row = 0
+        self.configure(temperature, topk, seed)
+
+    def configure(self, temperature: float, topk: int, seed: int | None) -> None:
+        """Set the temperature, top-k and seed in place (the tensors a graph reads stay the same)."""
+        if not self.greedy:
+            self.temperature.fill_(temperature)
+            self.topk.fill_(min(topk, self.width))
         if seed is None:
             self.generator.seed()
         else:
             self.generator.manual_seed(seed)
-        k = 1 if self.greedy else min(topk, codes or topk)
-        self.noise = torch.empty(num_codebooks, k, device=device)  # (K, k) uniforms for one frame
-        self.row = 0
 
     def begin_frame(self) -> None:
         """Draw the uniforms of the next frame; the next call samples codebook 0."""
@@ -53,8 +71,10 @@ class Sampler:
         row, self.row = self.row, self.row + 1
         if self.greedy:  # argmax is the same on the float32 copy transformers makes: skip the copy
             return logits.argmax(dim=-1)
-        # Keep the k best, scale by the temperature, add Gumbel noise, take the best.
-        values, indices = torch.topk(logits.to(torch.float32), self.noise.shape[1], dim=-1)
-        gumbel = -torch.log(-torch.log(self.noise[row]))
-        choice = (values / self.temperature + gumbel).argmax(dim=-1, keepdim=True)
+        # Rank the best logits, scale by the temperature, add Gumbel noise, take the best of the top k.
+        values, indices = torch.topk(logits.to(torch.float32), self.width, dim=-1)
+        scores = values / self.temperature - torch.log(-torch.log(self.noise[row]))
+        if self.masked:
+            scores = scores.masked_fill(self._ranks >= self.topk, float("-inf"))
+        choice = scores.argmax(dim=-1, keepdim=True)
         return indices.gather(-1, choice)[:, 0]

@@ -3,7 +3,8 @@
 The arithmetic follows transformers' CSM modules operation for operation so the results are
 bit-identical (see docs/engine.md): the model's own RMSNorm formula, ``x + f(x)`` residuals, RoPE
 tables from the model's own rotary embedding, and attention over the live prefix of the cache only
-(keys and values sliced to the current length, no mask for one query).
+(keys and values sliced to the current length, no mask for one query; for several queries after
+cached positions the lower-right causal bias, which SDPA's fused kernels accept, never a dense mask).
 
 Two fusions cut the number of kernel launches per layer without changing a single bit: q/k/v are one
 matrix product and gate/up are one (each output element is the same dot product either way; the
@@ -13,11 +14,17 @@ exactness tests check it). The fused matrices are built once and the model's own
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias, causal_lower_right
+
+
+class Stopped(Exception):
+    """``forward``'s ``stop()`` said to stop: the call wrote some keys/values but finished nothing."""
 
 
 @dataclass
@@ -74,15 +81,21 @@ class DecoderStack:
         self.sin_at = [self.sin[p : p + 1][None, None] for p in range(max_len)]
         self._positions = positions[0]  # (max_len,) for the static-shape step's mask
 
-    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """`(1, n, H)` inputs at positions ``start..start+n-1`` -> `(1, n, H)` normed hidden states."""
+    def forward(self, x: torch.Tensor, start: int, stop: Callable[[], bool] | None = None) -> torch.Tensor:
+        """`(1, n, H)` inputs at positions ``start..start+n-1`` -> `(1, n, H)` normed hidden states.
+
+        ``stop`` is asked before every layer; when it says yes, ``Stopped`` is raised (the keys and values
+        of the earlier layers at these positions are then written but incomplete)."""
         n = x.shape[1]
         if n == 1:
             cos, sin = self.cos_at[start], self.sin_at[start]
         else:
             cos, sin = self.cos[start : start + n][None, None], self.sin[start : start + n][None, None]
-        mask = _causal_mask(n, start, x.device) if n > 1 and start > 0 else None
+        # Several queries after cached keys: query j sees keys 0..start + j (causal, aligned lower right).
+        mask = causal_lower_right(n, start + n) if n > 1 and start > 0 else None
         for i, w in enumerate(self.layers):
+            if stop is not None and stop():
+                raise Stopped
             # Attention block: norm, q/k/v, RoPE, write the cache, attend over the live prefix, residual.
             h = rms_norm(x, w.ln_attn, self.eps)
             x = x + F.linear(self._attend(i, w, h, cos, sin, start, mask), w.wo)
@@ -100,7 +113,7 @@ class DecoderStack:
         cos: torch.Tensor,
         sin: torch.Tensor,
         start: int,
-        mask: torch.Tensor | None,
+        mask: CausalBias | None,
     ) -> torch.Tensor:
         """`(1, n, H)` normed input -> `(1, n, Hq * D)` attention output (before o_proj)."""
         n = h.shape[1]
@@ -150,12 +163,6 @@ class DecoderStack:
             gate, up = F.linear(h, w.w_gate_up).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, w.w_down)
         return rms_norm(x, self.norm, self.eps)
-
-
-def _causal_mask(n: int, start: int, device: torch.device) -> torch.Tensor:
-    """`(n, start + n)` bool: query ``start + i`` sees keys ``0..start + i``."""
-    keys = torch.arange(start + n, device=device)
-    return keys[None, :] <= (start + torch.arange(n, device=device))[:, None]
 
 
 def fuse_layer(layer: Any) -> LayerWeights:

@@ -287,7 +287,7 @@ class Session:
         """Write the reference WAV + transcript into the profile, and its exact codes into the cache
         under the key the next ``load_voice`` computes, so the next session pins the same codes."""
         profile = self.voice_store.attach_reference(voice.profile, audio, text)
-        key = self.cache.key(profile.audio_paths(), self.settings.reference, self.engine.model_key)
+        key = self.cache.key(profile.audio_paths(), self.settings.reference, self.engine.model_key, self.engine.codec_key)
         self.cache.put(key, codes, {"voice": voice.name, "model": self.engine.model_key, "source": "generated"})
         voice.profile = profile
 

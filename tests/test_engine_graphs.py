@@ -1,0 +1,177 @@
+"""The logic around CUDA-graph capture (``FrameGraphs``), driven on CPU through the ``Capture`` seam.
+
+The engine is handed a capture strategy that replays the frame step eagerly (as the base ``Capture``
+does) and counts, fails or corrupts; everything else (units per kind of sampling, the scratch-position
+warm-up, the self-check, the fallback and its memory) is the code that runs on a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from companion.engine import Engine, GenerationOptions, Segment
+from companion.engine.cuda_graphs import Capture, GraphedFrame
+from companion.engine.sampling import Sampler
+
+GREEDY = GenerationOptions(temperature=0.0, topk=1, max_frames=8)
+TEXT = "Replay me, please."
+
+
+class Recorder(Capture):
+    """Replays eagerly (after the warm-up a real capture does), counting captures and checking that
+    the warm-up left the cached prefix's keys and values alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.captures = 0
+        self.prefix_intact: list[bool] = []
+
+    def record(self, unit: GraphedFrame) -> Callable[[], None]:
+        self.captures += 1
+        loop = unit.loop
+        before = [k[:, :, : loop.length].clone() for k in loop.backbone.keys]
+        replay = super().record(unit)
+        after = [k[:, :, : loop.length] for k in loop.backbone.keys]
+        self.prefix_intact.append(all(torch.equal(a, b) for a, b in zip(before, after, strict=True)))
+        return replay
+
+
+class FailingCapture(Recorder):
+    """Warms up (writing the scratch position, as CUDA does), then fails to record."""
+
+    def record(self, unit: GraphedFrame) -> Callable[[], None]:
+        super().record(unit)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+class CorruptingCapture(Recorder):
+    """A graph with a bug: its replay gets codebook 1 wrong (or, ``raising``, fails)."""
+
+    def __init__(self, raising: bool = False) -> None:
+        super().__init__()
+        self.raising = raising
+
+    def record(self, unit: GraphedFrame) -> Callable[[], None]:
+        step = super().record(unit)
+        codes = unit.loop.decodable_codes or unit.loop.vocab
+
+        def replay() -> None:
+            if self.raising:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            step()
+            unit.codes[1] = (unit.codes[1] + 1) % codes
+
+        return replay
+
+
+def engine_with(tiny_engine: Engine, capture: Capture | None) -> Engine:
+    return Engine(tiny_engine.model, tiny_engine.processor, "graphs", max_seq_len=256, capture=capture)
+
+
+def codes_of(engine: Engine, context: list[Segment], options: GenerationOptions = GREEDY) -> torch.Tensor:
+    return torch.cat([c.codes for c in engine.stream(context, 0, TEXT, options)], dim=1)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_engine: Engine, speech_24k) -> list[Segment]:
+    return [Segment(0, "This is how I sound.", tiny_engine.encode(speech_24k("narrator.mp3", 1.5)))]
+
+
+def test_greedy_codes_through_the_recorded_graph_equal_eager(tiny_engine: Engine, reference) -> None:
+    recorder = Recorder()
+    graphed, eager = engine_with(tiny_engine, recorder), engine_with(tiny_engine, None)
+    assert eager.graphs is None  # no capture on a CPU by default
+    first = codes_of(graphed, reference)
+    assert torch.equal(first, codes_of(eager, reference))
+    assert recorder.captures == 1 and recorder.off is None and recorder.prefix_intact == [True]
+    # Warm-up and self-check wrote nothing the cache claims: it holds the prompt and the fed frames.
+    prompt = graphed.last_stats.prompt_positions
+    assert graphed.loop.length == prompt + GREEDY.max_frames
+    assert torch.equal(graphed.loop.rows[:prompt], graphed.prompt.prompt_rows(reference, 0, TEXT))
+    # The same turn again: one position prefilled, no new capture, the same codes.
+    assert torch.equal(codes_of(graphed, reference), first)
+    assert graphed.last_stats.prefill_positions == 1 and recorder.captures == 1
+
+
+def test_a_failed_capture_gives_eager_codes_and_is_not_retried(
+    tiny_engine: Engine, reference, caplog: pytest.LogCaptureFixture
+) -> None:
+    failing = FailingCapture()
+    engine = engine_with(tiny_engine, failing)
+    with caplog.at_level(logging.WARNING, logger="companion.engine.cuda_graphs"):
+        codes = codes_of(engine, reference)
+        # The cache was not reset: it holds the prompt and the frames fed back (eagerly, not the last one).
+        assert engine.loop.length == engine.last_stats.prompt_positions + GREEDY.max_frames - 1
+        again = codes_of(engine, reference)
+        sampled = codes_of(engine, reference, GenerationOptions(temperature=0.8, topk=20, seed=3, max_frames=4))
+    expected = codes_of(engine_with(tiny_engine, None), reference)
+    assert torch.equal(codes, expected) and torch.equal(again, expected)
+    assert sampled.shape == (engine.num_codebooks, 4)
+    assert failing.captures == 1  # remembered: neither the next turn nor another sampling kind retries
+    assert failing.off is not None and "capturing a frame failed" in failing.off
+    assert [r.getMessage().count("\n") for r in caplog.records] == [0]  # one line, once
+
+
+@pytest.mark.parametrize("raising", [False, True], ids=["differs", "fails"])
+def test_a_graph_that_disagrees_with_eager_is_turned_off(
+    tiny_engine: Engine, reference, caplog: pytest.LogCaptureFixture, raising: bool
+) -> None:
+    corrupt = CorruptingCapture(raising)
+    engine = engine_with(tiny_engine, corrupt)
+    with caplog.at_level(logging.WARNING, logger="companion.engine.cuda_graphs"):
+        codes = codes_of(engine, reference)
+        codes_of(engine, reference)
+    assert torch.equal(codes, codes_of(engine_with(tiny_engine, None), reference))
+    assert corrupt.off is not None and "self-check" in corrupt.off
+    assert corrupt.captures == 1
+    assert len(caplog.records) == 1 and "self-check" in caplog.records[0].getMessage()
+
+
+def test_temperature_and_topk_changes_neither_capture_nor_prefill(tiny_engine: Engine, reference) -> None:
+    recorder = Recorder()
+    engine = engine_with(tiny_engine, recorder)
+
+    def turn(temperature: float, topk: int) -> torch.Tensor:
+        return codes_of(engine, reference, GenerationOptions(temperature=temperature, topk=topk, seed=5, max_frames=6))
+
+    warm = turn(0.9, 50)
+    assert recorder.captures == 1
+    prefilled = []
+    results = {}
+    for temperature, topk in [(0.9, 50), (0.3, 50), (0.9, 7), (0.9, 50)]:
+        results[(temperature, topk)] = turn(temperature, topk)
+        prefilled.append(engine.last_stats.prefill_positions)
+    assert recorder.captures == 1  # one unit serves every temperature and top-k
+    # Every turn reuses the whole cached prompt but its last position (no warm-up disturbed it).
+    assert prefilled == [1, 1, 1, 1]
+    # The values in the device tensors are the ones used: the same settings and seed, the same codes;
+    # other settings give what a fresh engine gives with them.
+    assert torch.equal(results[(0.9, 50)], warm)
+    for settings in [(0.3, 50), (0.9, 7)]:
+        assert not torch.equal(results[settings], warm)
+        fresh = engine_with(tiny_engine, Recorder())
+        expected = codes_of(fresh, reference, GenerationOptions(*settings, seed=5, max_frames=6))
+        assert torch.equal(results[settings], expected)
+    # Greedy is the second (and last) kind of unit.
+    codes_of(engine, reference)
+    turn(0.6, 30)
+    assert recorder.captures == 2 and set(engine.graphs.units) == {True, False}
+
+
+def test_masked_width_sampling_follows_the_top_k_softmax() -> None:
+    """The graph's sampler ranks every code and masks ranks >= top-k (a tensor): same distribution."""
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.06, 0.04])
+    logits = probs.log()[None]
+    sampler = Sampler(1.0, 5, 11, torch.device("cpu"), num_codebooks=1, width=5)
+    sampler.configure(1.0, 3, 11)  # top-3 set in place
+    counts = torch.zeros(5)
+    for _ in range(6000):
+        sampler.begin_frame()
+        counts[sampler(logits)] += 1
+    assert counts[3] == 0 and counts[4] == 0
+    expected = probs[:3] / probs[:3].sum()
+    assert torch.allclose(counts[:3] / counts.sum(), expected, atol=0.02)
