@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import signal
 import sys
 from typing import Any
 
@@ -62,7 +63,13 @@ def run(args: argparse.Namespace) -> int:
     where = f"[{host}]" if ":" in host else host
     print(f"companion serve: loading {settings.model.id}; listening on http://{where}:{port} "
           f"({'API key required' if api_key else 'no API key'})", file=sys.stderr, flush=True)
-    server.run()
+    # uvicorn stops gracefully on SIGTERM, then raises the signal again for the handler it found: make
+    # that one a no-op so that a stop by SIGTERM (systemd's) ends with "stopped" and exit code 0.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if failure:
         raise CompanionError(failure[0])
     if not server.started:
