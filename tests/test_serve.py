@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,6 +110,29 @@ def test_four_clients_served_a_fifth_gets_429(server: LiveServer) -> None:
         assert isinstance(data, bytes), data
         audio, rate = decode(data)
         assert rate == 24000 and len(audio) >= 1920
+
+
+def test_a_waiting_client_that_hangs_up_frees_its_place(server: LiveServer) -> None:
+    client = server.openai()
+    client.audio.speech.create(model="csm-1b", voice="default", input="Hi.", response_format="pcm")
+    worker = server.state.worker
+    done: list[bytes] = []
+    first = threading.Thread(target=lambda: done.append(client.audio.speech.create(
+        model="csm-1b", voice="default", input="First.", response_format="pcm").content))
+    with worker.engine_lock:
+        first.start()
+        wait_for(lambda: worker.generating == 1, "the first request to reach the engine")
+        body = json.dumps({"model": "csm-1b", "voice": "default", "input": "Second.", "response_format": "pcm"}).encode()
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as raw:
+            raw.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            wait_for(lambda: worker.depth == 1, "the second request to wait in the queue")
+        wait_for(lambda: worker.depth == 0, "the hung-up request to leave the queue")
+        assert server.metric("companion_client_disconnects_total") == 1
+    first.join(120)
+    assert len(pcm_samples(done[0])) >= 1920
+    assert server.metric("companion_generations_cancelled_total") == 0  # it never started
 
 
 def test_hang_up_stops_the_generation(server: LiveServer) -> None:

@@ -239,7 +239,7 @@ async def _start(state: ServerState, job: Job, request: Request) -> tuple[str, A
         gone.cancel()
     if not first.done():
         first.cancel()
-        job.cancel.set()
+        state.worker.withdraw(job)
         state.metrics.add("disconnects")
         return ("error", CompanionError("the client hung up"))
     return first.result()

@@ -37,7 +37,7 @@ class QueueFull(Exception):
     """Every place in the queue is taken."""
 
 
-@dataclass
+@dataclass(eq=False)  # jobs are compared by identity
 class Job:
     """``speak(cancel)`` -> audio chunks, or ``action()`` -> a value; results arrive in ``events``."""
 
@@ -81,6 +81,14 @@ class SpeechWorker:
                 raise QueueFull()
             self._jobs.append(job)
             self._cond.notify()
+
+    def withdraw(self, job: Job) -> None:
+        """Cancel ``job``; if it still waits, it leaves the queue at once (its place is free again)."""
+        job.cancel.set()
+        with self._cond:
+            if job in self._jobs:
+                self._jobs.remove(job)
+                job.emit("end")
 
     @property
     def depth(self) -> int:
