@@ -61,19 +61,21 @@ def run(args: argparse.Namespace) -> int:
                             server_header=False)
     server = uvicorn.Server(config)
     where = f"[{host}]" if ":" in host else host
-    print(f"companion serve: loading {settings.model.id}; listening on http://{where}:{port} "
-          f"({'API key required' if api_key else 'no API key'})", file=sys.stderr, flush=True)
+    print(f"companion serve: loading {settings.model.id} ({'API key required' if api_key else 'no API key'})",
+          file=sys.stderr, flush=True)
     # uvicorn stops gracefully on SIGTERM, then raises the signal again for the handler it found: make
     # that one a no-op so that a stop by SIGTERM (systemd's) ends with "stopped" and exit code 0.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         server.run()
+    except SystemExit:  # uvicorn exits when it cannot listen (after logging why)
+        server.started = False
     finally:
         signal.signal(signal.SIGTERM, previous)
     if failure:
         raise CompanionError(failure[0])
     if not server.started:
-        raise CompanionError(f"could not listen on {where}:{port}: is another server using that port? Pick another --port")
+        raise CompanionError(f"could not listen on {where}:{port}: is another program using that port? pick another --port")
     print("companion serve: stopped", file=sys.stderr)
     return 0
 

@@ -117,7 +117,7 @@ def create_app(settings: Settings, api_key: str | None = None, on_fatal: Callabl
         received = time.perf_counter()
         text, voice, fmt = _check(body, settings)
         _ready(state)
-        voice = await asyncio.to_thread(_resolve_voice, state, voice)
+        voice = _resolve_voice(state, voice)  # profiles are re-read only when a file changed: a few stat calls
         conversations, conversation = state.conversations, body.conversation
         job = Job(asyncio.get_running_loop(),
                   speak=lambda cancel: conversations.speak(text, voice, conversation, cancel))

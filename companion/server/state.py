@@ -36,8 +36,8 @@ class ServerState:
         from companion.engine import Engine
         from companion.refcache import ReferenceCache
         from companion.server.conversations import Conversations
+        from companion.server.profiles import WatchedVoiceStore
         from companion.store import Store
-        from companion.voices import VoiceStore
 
         m, s = self.settings.model, self.settings.serve
         start = time.monotonic()
@@ -45,7 +45,7 @@ class ServerState:
             self.engine = Engine.load(resolve_model_path(m.id), revision=m.revision, device=m.device, dtype=m.dtype,
                                       max_seq_len=self.settings.context.max_seq_len)
             self.store = Store()
-            self.voices = VoiceStore()
+            self.voices = WatchedVoiceStore()
             self.conversations = Conversations(self.engine, self.settings, self.store, self.voices, ReferenceCache(),
                                                s.max_conversations)
         except CompanionError as err:
