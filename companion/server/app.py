@@ -239,8 +239,8 @@ async def _start(state: ServerState, job: Job, request: Request) -> tuple[str, A
         gone.cancel()
     if not first.done():
         first.cancel()
-        state.worker.withdraw(job)
         state.metrics.add("disconnects")
+        state.worker.withdraw(job)
         return ("error", CompanionError("the client hung up"))
     return first.result()
 
