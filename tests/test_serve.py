@@ -286,3 +286,18 @@ def test_generation_failure_is_500_and_the_server_keeps_serving(server: LiveServ
     reply = client.audio.speech.create(model="csm-1b", voice="default", input="Still here.", response_format="wav")
     assert decode(reply.content)[1] == 24000
     assert server.metric('companion_errors_total{kind="generation"}') == 1
+
+
+def test_cors_headers_only_for_configured_origins(server: LiveServer, tiny_model_dir: Path) -> None:
+    preflight = {"Origin": "https://chat.example", "Access-Control-Request-Method": "POST"}
+    plain = server.http.options("/v1/audio/speech", headers=preflight)
+    assert "access-control-allow-origin" not in plain.headers
+    assert "access-control-allow-origin" not in server.http.get("/health", headers={"Origin": "https://chat.example"}).headers
+    live = LiveServer(serve_settings(tiny_model_dir, cors_origins=["https://chat.example"]))
+    try:
+        allowed = live.http.options("/v1/audio/speech", headers=preflight)
+        assert allowed.headers["access-control-allow-origin"] == "https://chat.example"
+        other = live.http.options("/v1/audio/speech", headers={**preflight, "Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+    finally:
+        live.stop()
