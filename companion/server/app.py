@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict
 
 from companion.config import Settings
 from companion.errors import CompanionError
-from companion.server.encoders import CONTENT_TYPES, FORMATS, STREAMED, make_encoder
+from companion.server.encoders import CONTENT_TYPES, FORMATS, make_encoder
 from companion.server.errors import APIError, install_handlers
 from companion.server.middleware import BodyLimit, RequestMetrics
 from companion.server.state import ServerState
@@ -315,5 +315,3 @@ async def _audio_events(state: ServerState, job: Job, first: tuple[str, Any], fm
 def _sse(event: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(event)}\n\n".encode()
 
-
-__all__ = ["STREAMED", "create_app"]
