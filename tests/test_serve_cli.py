@@ -37,6 +37,14 @@ def test_other_host_without_key_refuses_to_start(companion_home: Path, tiny_mode
     assert "COMPANION_API_KEY" in lines[0] and "0.0.0.0" in lines[0] and lines[0].startswith("error: ")
 
 
+def test_a_model_that_cannot_load_stops_the_server_with_one_line(companion_home: Path, tmp_path: Path) -> None:
+    out = subprocess.run([*COMPANION, "serve", "--port", "0", "--model", str(tmp_path / "missing"), "--log-level", "error"],
+                         env=_env(companion_home), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "missing" in last and "Traceback" not in out.stderr
+
+
 class _Output:
     """The server's stderr, read in a thread (so the pipe never fills)."""
 
