@@ -1,6 +1,6 @@
 """Time to first byte over HTTP next to the engine's own first audio, in the same run.
 
-    python benchmarks/serve_ttfb.py [--model DIR] [--runs N] [--format pcm] [--json FILE]
+    python benchmarks/serve_ttfb.py [--model DIR] [--runs N] [--format pcm] [--threads 1] [--json FILE]
 
 Starts `companion serve` (a subprocess on a free loopback port, in a temporary COMPANION_HOME; the tiny
 test checkpoint unless --model is given), makes the voice's reference, then for each run sends one
@@ -42,8 +42,8 @@ def metric_sum(client: httpx.Client, name: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def start_server(model: str, home: Path) -> tuple[subprocess.Popen[str], str, list[str]]:
-    env = dict(os.environ, COMPANION_HOME=str(home), HF_HUB_OFFLINE="1")
+def start_server(model: str, home: Path, threads: int) -> tuple[subprocess.Popen[str], str, list[str]]:
+    env = dict(os.environ, COMPANION_HOME=str(home), HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads))
     env.pop("COMPANION_API_KEY", None)
     proc = subprocess.Popen([sys.executable, "-m", "companion", "serve", "--port", "0", "--model", model,
                              "--log-level", "warning"], env=env, stderr=subprocess.PIPE, text=True)
@@ -77,6 +77,7 @@ def main() -> int:
     parser.add_argument("--model", help="model directory (default: the tiny test checkpoint, built here)")
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--format", default="pcm", choices=["pcm", "wav", "opus"])
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of the server's torch (default 1)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="companion-serve-bench-") as tmp:
@@ -88,13 +89,14 @@ def main() -> int:
             from companion.testing.tiny_checkpoint import write_tiny_checkpoint
 
             model = str(write_tiny_checkpoint(Path(tmp) / "tiny", codebooks=32, seed=0))
-        proc, url, _ = start_server(model, home)
+        proc, url, _ = start_server(model, home, args.threads)
         try:
             result = measure(url, args.runs, args.format)
         finally:
             proc.terminate()
             proc.wait(60)
     result["model"] = args.model or "tiny (random weights)"
+    result["threads"] = args.threads
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

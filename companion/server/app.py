@@ -124,7 +124,7 @@ def create_app(settings: Settings, api_key: str | None = None, on_fatal: Callabl
         first = await _start(state, job, request)
         if first[0] == "error":
             raise _generation_error(state, first[1])
-        stream = _audio_events(state, job, first, fmt, body.stream_format == "sse", received, len(text))
+        stream = _audio_events(state, job, request, first, fmt, body.stream_format == "sse", received, len(text))
         if body.stream_format == "sse":
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return StreamingResponse(stream, media_type=CONTENT_TYPES[fmt])
@@ -272,9 +272,12 @@ def _generation_error(state: ServerState, err: BaseException) -> APIError:
                     code="generation_failed")
 
 
-async def _audio_events(state: ServerState, job: Job, first: tuple[str, Any], fmt: str, sse: bool,
-                        received: float, input_chars: int) -> AsyncIterator[bytes]:
-    """The response body: encoded audio as it is generated (raw, or OpenAI's SSE events)."""
+async def _audio_events(state: ServerState, job: Job, request: Request, first: tuple[str, Any], fmt: str,
+                        sse: bool, received: float, input_chars: int) -> AsyncIterator[bytes]:
+    """The response body: encoded audio as it is generated (raw, or OpenAI's SSE events).
+
+    A hang-up is noticed by Starlette's listener while this waits for a chunk (it cancels this
+    generator), and by the check between chunks; either way ``finally`` stops the generation."""
     encoder = make_encoder(fmt)
     sent_first = False
     kind, value = first
@@ -306,6 +309,8 @@ async def _audio_events(state: ServerState, job: Job, first: tuple[str, Any], fm
                     yield _sse({"type": "speech.audio.done", "usage": usage})
                 return
             kind, value = await job.events.get()
+            if kind == "audio" and await request.is_disconnected():
+                return
     finally:
         if not job.finished:  # the client hung up (or the server stops): stop generating at the next chunk
             job.cancel.set()
