@@ -136,9 +136,9 @@ class SpeechWorker:
                     log.error("speech generation failed: %s: %s", type(err).__name__, err)
                 job.emit("error", err)
             finally:
-                job.emit("end")
                 with self._cond:
-                    self.current = None
+                    self.current = None  # before "end": a client that has its whole reply sees the engine free
+                job.emit("end")
 
     def _speak(self, job: Job) -> None:
         assert job.speak is not None
