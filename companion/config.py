@@ -61,6 +61,22 @@ class LLMSettings(Schema):
     timeout_seconds: float = Field(60.0, gt=0)
 
 
+class ServeSettings(Schema):
+    """``companion serve``: the OpenAI-compatible speech server (docs/serve.md)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key_env: str = "COMPANION_API_KEY"  # name of the variable holding the key; the key is never stored
+    queue_size: int = Field(8, ge=0, le=1000)  # requests waiting behind the one being spoken
+    retry_after_seconds: int = Field(5, ge=1)
+    max_input_chars: int = Field(4096, ge=1)
+    max_body_bytes: int = Field(65536, ge=1024)
+    max_conversations: int = Field(64, ge=1)  # kept in memory; older ones are reloaded from the history
+    cors_origins: list[str] = []
+    shutdown_timeout_seconds: float = Field(30.0, ge=0.0)
+    model_name: str = "csm-1b"  # the name /v1/models lists (requests may name any model)
+
+
 class Settings(Schema):
     model: ModelSettings = ModelSettings()
     generation: GenerationSettings = GenerationSettings()
@@ -69,6 +85,7 @@ class Settings(Schema):
     playback: PlaybackSettings = PlaybackSettings()
     watermark: WatermarkSettings = WatermarkSettings()
     llm: LLMSettings = LLMSettings()
+    serve: ServeSettings = ServeSettings()
     voice: str | None = None  # default voice for chat/say
 
 

@@ -70,6 +70,11 @@ MIGRATIONS: list[str] = [
     # NULL in turns recorded before. (No SQL comment here: SQLite splices the column into the table's
     # CREATE text, where a comment would swallow the closing parenthesis.)
     "ALTER TABLE turns ADD COLUMN typed TEXT",
+    # 2 -> 3: a conversation name given by a client of `companion serve` (unique when set)
+    """
+    ALTER TABLE sessions ADD COLUMN conversation TEXT;
+    CREATE UNIQUE INDEX sessions_conversation ON sessions (conversation) WHERE conversation IS NOT NULL;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -130,6 +135,7 @@ class SessionRecord:
     voice: str | None
     turn_count: int
     first_text: str | None
+    conversation: str | None = None  # the name a `companion serve` client gave it
 
 
 class Store:
@@ -191,12 +197,14 @@ class Store:
 
     # sessions -----------------------------------------------------------------------------------
 
-    def create_session(self, model_key: str, max_seq_len: int, voices: list[VoiceRecord], voice: str | None) -> int:
+    def create_session(self, model_key: str, max_seq_len: int, voices: list[VoiceRecord], voice: str | None,
+                       conversation: str | None = None) -> int:
         with self.transaction() as db:
             stamp = now()
             cur = db.execute(
-                "INSERT INTO sessions (created_at, updated_at, model_key, max_seq_len, voice) VALUES (?, ?, ?, ?, ?)",
-                (stamp, stamp, model_key, max_seq_len, voice),
+                "INSERT INTO sessions (created_at, updated_at, model_key, max_seq_len, voice, conversation) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (stamp, stamp, model_key, max_seq_len, voice, conversation),
             )
             session_id = int(cur.lastrowid or 0)
             for v in voices:
@@ -263,7 +271,7 @@ class Store:
         sql = (
             "SELECT s.id, s.created_at, s.updated_at, s.model_key, s.max_seq_len, s.context_start, s.voice, "
             "(SELECT COUNT(*) FROM turns t WHERE t.session_id = s.id), "
-            "(SELECT text FROM turns t WHERE t.session_id = s.id ORDER BY seq LIMIT 1) "
+            "(SELECT text FROM turns t WHERE t.session_id = s.id ORDER BY seq LIMIT 1), s.conversation "
             "FROM sessions s ORDER BY s.updated_at DESC, s.id DESC"
         )
         if limit is not None:
@@ -277,6 +285,12 @@ class Store:
             if record.id == session_id:
                 return record
         raise CompanionError(f"no conversation {session_id} in the history: `companion history list` shows the ids")
+
+    def conversation_session_id(self, conversation: str) -> int | None:
+        """The session a `companion serve` client named ``conversation``, or None."""
+        with self._lock:
+            row = self._db.execute("SELECT id FROM sessions WHERE conversation = ?", (conversation,)).fetchone()
+        return int(row[0]) if row else None
 
     def latest_session_id(self) -> int | None:
         with self._lock:

@@ -1,0 +1,322 @@
+"""The ASGI app of `companion serve`: OpenAI's speech endpoint over the session, with conversation memory.
+
+The model loads once, in a thread the lifespan handler starts (``/health`` says "loading" until it is
+ready). Every speech request becomes a job in the speech worker's bounded FIFO; its audio streams back
+as the engine generates it. Auth is one dependency; every error goes through one handler that writes
+OpenAI's error JSON (companion/server/errors.py). See docs/serve.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from companion.config import Settings
+from companion.errors import CompanionError
+from companion.server.encoders import CONTENT_TYPES, FORMATS, make_encoder
+from companion.server.errors import APIError, install_handlers
+from companion.server.middleware import BodyLimit, RequestMetrics
+from companion.server.state import ServerState
+from companion.server.worker import Job, QueueFull
+
+log = logging.getLogger("companion.serve")
+
+CONVERSATION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+DEFAULT_VOICE = "default"
+
+
+class VoiceRef(BaseModel):
+    id: str
+
+
+class SpeechRequest(BaseModel):
+    """OpenAI's body, plus ``conversation``. Unknown fields (e.g. ``instructions``) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = ""
+    input: str
+    voice: str | VoiceRef
+    response_format: str = "mp3"
+    speed: float = 1.0
+    stream_format: str = "audio"
+    conversation: str | None = None
+
+
+def create_app(settings: Settings, api_key: str | None = None, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
+    """The app; ``api_key`` (when set) must come with every request as ``Authorization: Bearer KEY``."""
+    state = ServerState(settings, api_key, on_fatal)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = threading.Thread(target=state.load, name="companion-load", daemon=True)
+        loader.start()
+        yield
+        await asyncio.to_thread(loader.join)
+        await asyncio.to_thread(state.close)
+
+    app = FastAPI(title="companion", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.companion = state
+    install_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.serve.max_body_bytes)
+    if settings.serve.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=settings.serve.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+
+    app.add_middleware(RequestMetrics, metrics=state.metrics)
+
+    def authorized(request: Request) -> None:
+        if state.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
+            raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
+
+    auth = [Depends(authorized)]
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state.ready.is_set():
+            return JSONResponse({"status": "ready", "model": settings.model.id})
+        status = "failed" if state.failure else "loading"
+        return JSONResponse({"status": status, "model": settings.model.id}, status_code=503)
+
+    @app.get("/metrics", dependencies=auth)
+    async def metrics() -> PlainTextResponse:
+        w = state.worker
+        text = state.metrics.render(w.depth if w else 0, w.generating if w else 0, state.ready.is_set())
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models() -> dict[str, Any]:
+        name = settings.serve.model_name
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "companion"}]}
+
+    @app.get("/v1/audio/voices", dependencies=auth)
+    def voices() -> dict[str, Any]:
+        return {"object": "list", "data": _voice_list(_ready(state))}
+
+    @app.post("/v1/audio/speech", dependencies=auth)
+    async def speech(body: SpeechRequest, request: Request) -> Response:
+        received = time.perf_counter()
+        text, voice, fmt = _check(body, settings)
+        _ready(state)
+        voice = _resolve_voice(state, voice)  # profiles are re-read only when a file changed: a few stat calls
+        conversations, conversation = state.conversations, body.conversation
+        job = Job(asyncio.get_running_loop(),
+                  speak=lambda cancel: conversations.speak(text, voice, conversation, cancel))
+        first = await _start(state, job, request)
+        if first[0] == "error":
+            raise _generation_error(state, first[1])
+        stream = _audio_events(state, job, request, first, fmt, body.stream_format == "sse", received, len(text))
+        if body.stream_format == "sse":
+            return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(stream, media_type=CONTENT_TYPES[fmt])
+
+    @app.get("/v1/conversations/{conversation}", dependencies=auth)
+    async def describe(conversation: str, request: Request) -> dict[str, Any]:
+        _check_conversation(conversation)
+        found = await _act(state, request, lambda: state.conversations.describe(conversation))
+        if found is None:
+            raise APIError(404, f"no conversation '{conversation}'", param="conversation")
+        return found
+
+    @app.delete("/v1/conversations/{conversation}", dependencies=auth)
+    async def clear(conversation: str, request: Request) -> dict[str, Any]:
+        _check_conversation(conversation)
+        if not await _act(state, request, lambda: state.conversations.clear(conversation)):
+            raise APIError(404, f"no conversation '{conversation}'", param="conversation")
+        return {"id": conversation, "object": "conversation.cleared", "cleared": True}
+
+    return app
+
+
+# ---- checks ---------------------------------------------------------------------------------------
+
+
+def _ready(state: ServerState) -> ServerState:
+    if not state.ready.is_set():
+        message = state.failure or "the model is still loading: try again shortly (GET /health says when it is ready)"
+        raise APIError(503, message, headers={"Retry-After": str(state.settings.serve.retry_after_seconds)})
+    return state
+
+
+def _check(body: SpeechRequest, settings: Settings) -> tuple[str, str, str]:
+    """(text, voice name, format) of a valid request, or a 400 naming the field."""
+    text = body.input
+    if not text.strip():
+        raise APIError(400, "'input' is empty: give the text to speak", param="input", code="empty_input")
+    limit = settings.serve.max_input_chars
+    if len(text) > limit:
+        raise APIError(400, f"'input' has {len(text)} characters; the limit is {limit}: split it into shorter requests",
+                       param="input", code="input_too_long")
+    fmt = body.response_format.lower()
+    if fmt not in FORMATS:
+        raise APIError(400, f"response_format '{body.response_format}' is not supported: use one of {', '.join(FORMATS)}",
+                       param="response_format", code="unsupported_format")
+    if body.stream_format not in ("audio", "sse"):
+        raise APIError(400, f"stream_format '{body.stream_format}' is not supported: use audio or sse",
+                       param="stream_format")
+    if not 0.25 <= body.speed <= 4.0:
+        raise APIError(400, f"speed {body.speed} is out of range: use a value from 0.25 to 4.0", param="speed")
+    if body.conversation is not None:
+        _check_conversation(body.conversation)
+    voice = body.voice.id if isinstance(body.voice, VoiceRef) else body.voice
+    return text, voice, fmt
+
+
+def _check_conversation(conversation: str) -> None:
+    if not CONVERSATION_RE.match(conversation):
+        raise APIError(400, "'conversation' must be 1-128 letters, digits or _ . : - (starting with a letter or digit)",
+                       param="conversation")
+
+
+def _resolve_voice(state: ServerState, name: str) -> str:
+    """A voice profile's name (never a path); 400 otherwise."""
+    try:
+        known = state.voices.names()
+    except CompanionError as err:
+        raise APIError(500, f"cannot read the voice profiles: {err}") from None
+    if name in known or name == DEFAULT_VOICE:
+        return name
+    listed = ", ".join([DEFAULT_VOICE, *known])
+    raise APIError(400, f"unknown voice '{name}': use one of {listed} (GET /v1/audio/voices lists them)",
+                   param="voice", code="unknown_voice")
+
+
+def _voice_list(state: ServerState) -> list[dict[str, Any]]:
+    import soundfile as sf
+
+    out = []
+    profiles = {p.name: p for p in state.voices.list()}
+    if DEFAULT_VOICE not in profiles:
+        out.append({"id": DEFAULT_VOICE, "name": DEFAULT_VOICE, "speaker": 0, "reference_seconds": None})
+    for name, profile in profiles.items():
+        try:
+            seconds: float | None = round(sum(sf.info(str(f)).duration for f in profile.audio_paths()), 2)
+        except Exception:  # noqa: BLE001 - a missing or unreadable file: the duration is unknown
+            seconds = None
+        out.append({"id": name, "name": name, "speaker": profile.speaker,
+                    "reference_seconds": seconds if profile.audio else None})
+    return out
+
+
+# ---- jobs -----------------------------------------------------------------------------------------
+
+
+async def _start(state: ServerState, job: Job, request: Request) -> tuple[str, Any]:
+    """Queue ``job`` and wait for its first event; a client that leaves meanwhile cancels it."""
+    assert state.worker is not None
+    try:
+        state.worker.submit(job)
+    except QueueFull:
+        retry = str(state.settings.serve.retry_after_seconds)
+        raise APIError(429, "the server is busy: every place in its queue is taken; retry later",
+                       code="queue_full", headers={"Retry-After": retry}) from None
+    except CompanionError as err:
+        raise APIError(503, str(err)) from None
+    first = asyncio.ensure_future(job.events.get())
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({first, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not first.done():
+        first.cancel()
+        state.metrics.add("disconnects")
+        state.worker.withdraw(job)
+        return ("error", CompanionError("the client hung up"))
+    return first.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _act(state: ServerState, request: Request, action: Callable[[], Any]) -> Any:
+    """Run ``action`` on the worker's thread (the only one that touches sessions), in queue order."""
+    _ready(state)
+    job = Job(asyncio.get_running_loop(), action=action)
+    kind, value = await _start(state, job, request)
+    if kind == "error":
+        raise _generation_error(state, value)
+    return value
+
+
+def _generation_error(state: ServerState, err: BaseException) -> APIError:
+    from companion.session import TextTooLong
+
+    if isinstance(err, TextTooLong):
+        return APIError(400, str(err), param="input", code="input_too_long")
+    state.metrics.error("generation")
+    if isinstance(err, CompanionError):
+        return APIError(500, str(err), code="generation_failed")
+    return APIError(500, f"speech generation failed ({type(err).__name__}: {err}); the server keeps serving",
+                    code="generation_failed")
+
+
+async def _audio_events(state: ServerState, job: Job, request: Request, first: tuple[str, Any], fmt: str,
+                        sse: bool, received: float, input_chars: int) -> AsyncIterator[bytes]:
+    """The response body: encoded audio as it is generated (raw, or OpenAI's SSE events).
+
+    A hang-up is noticed by Starlette's listener while this waits for a chunk (it cancels this
+    generator), and by the check between chunks; either way ``finally`` stops the generation."""
+    encoder = make_encoder(fmt)
+    sent_first = False
+    kind, value = first
+    try:
+        while True:
+            if kind == "audio":
+                data = encoder.add(value)
+            elif kind == "error":
+                state.metrics.error("generation")
+                log.error("speech generation failed after audio was sent: %s", value)
+                if sse:
+                    yield _sse({"type": "error", "error": {"message": f"speech generation failed: {value}",
+                                                          "type": "server_error"}})
+                    job.finished = True
+                    return
+                job.finished = True
+                raise RuntimeError("speech generation failed after audio was sent")  # the client sees a cut stream
+            else:  # end
+                data = encoder.finish()
+            if data:
+                if not sent_first:
+                    sent_first = True
+                    state.metrics.observe("ttfb", time.perf_counter() - received)
+                yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}) if sse else data
+            if kind == "end":
+                job.finished = True
+                if sse:
+                    usage = {"input_tokens": input_chars, "output_tokens": 0, "total_tokens": input_chars}
+                    yield _sse({"type": "speech.audio.done", "usage": usage})
+                return
+            kind, value = await job.events.get()
+            if kind == "audio" and await request.is_disconnected():
+                return
+    finally:
+        if not job.finished:  # the client hung up (or the server stops): stop generating at the next chunk
+            job.cancel.set()
+            state.metrics.add("disconnects")
+
+
+def _sse(event: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(event)}\n\n".encode()
+
