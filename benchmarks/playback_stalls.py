@@ -21,7 +21,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -31,26 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from load import spinning, stall  # noqa: E402
-from pulse import heard, pulse_server, pulseaudio_missing, speechlike  # noqa: E402
-
-
-class SizeLog(threading.Thread):
-    """(time, bytes) of the capture file every 2 ms: when each captured sample arrived."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(daemon=True)
-        self.path, self.points, self.done = path, [], threading.Event()
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            self.points.append((time.monotonic(), self.path.stat().st_size))
-            time.sleep(0.002)
-
-    def arrival(self, sample: int) -> float:
-        for t, size in self.points:
-            if size // 4 > sample:
-                return t
-        return float("nan")
+from pulse import SizeLog, heard, pulse_server, pulseaudio_missing, speechlike  # noqa: E402
 
 
 def one_reply(server, args: argparse.Namespace, seed: int) -> dict:

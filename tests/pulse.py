@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -105,6 +106,25 @@ def pulse_server() -> Iterator[PulseServer]:
         if started:
             subprocess.run(["pactl", "exit"], env=env, capture_output=True, timeout=10)
         shutil.rmtree(d, ignore_errors=True)
+
+
+class SizeLog(threading.Thread):
+    """(time, bytes) of the capture file every 2 ms: when each captured sample arrived."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(daemon=True)
+        self.path, self.points, self.done = path, [], threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            self.points.append((time.monotonic(), self.path.stat().st_size))
+            time.sleep(0.002)
+
+    def arrival(self, sample: int) -> float:
+        for t, size in self.points:
+            if size // 4 > sample:
+                return t
+        return float("nan")
 
 
 def _wait_for_data(path: Path, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:

@@ -101,7 +101,7 @@ class _Feed:
     def __init__(self) -> None:
         self.chunks: collections.deque[np.ndarray | None] = collections.deque()
         self.more = threading.Event()  # set after each append: wakes a writer that found the deque empty
-        self.halted = False  # set by Player.stop(): the writer drops the device's buffer and returns
+        self.stopped = threading.Event()  # set by Player.stop(): the writer drops the device's buffer and returns
         self.underruns = 0
         self.started_at: float | None = None
         self.prebuffered_s: float | None = None
@@ -110,8 +110,12 @@ class _Feed:
         self.chunks.append(chunk)
         self.more.set()
 
+    @property
+    def halted(self) -> bool:
+        return self.stopped.is_set()
+
     def halt(self) -> None:
-        self.halted = True
+        self.stopped.set()
         self.more.set()
 
 
@@ -182,9 +186,7 @@ class _Writer(threading.Thread):
     def _drain(self) -> None:
         """Wait (stoppably) until everything written has played by the clock, then let the stream finish."""
         end = (self.anchor or time.monotonic()) + self.written / self.rate
-        while not self.feed.halted and time.monotonic() < end:
-            self.feed.more.wait(0.01)
-        if not self.feed.halted:
+        if not self.feed.stopped.wait(max(0.0, end - time.monotonic())):
             self.stream.stop()  # what is left (the server's own latency) plays out
 
 
@@ -214,7 +216,8 @@ class Player:
         sd = load_sounddevice()
         self.device = resolve_device(self.device_spec)
         try:
-            sd.check_output_settings(device=self.device, channels=1, dtype="float32", samplerate=self.sample_rate)
+            with stderr_silenced():  # PortAudio opens the device to check it
+                sd.check_output_settings(device=self.device, channels=1, dtype="float32", samplerate=self.sample_rate)
         except (sd.PortAudioError, ValueError) as err:
             raise AudioUnavailable(f"no audio output ({device_error_reason(err)})") from err
         return self
