@@ -34,7 +34,7 @@ from companion.audio.quiet import stderr_silenced
 SAMPLE_RATE = 24000
 BUFFER_MS = 2000  # the device buffer: how long a stalled process keeps playing (docs/chat.md)
 PIECE_MS = 20  # one blocking write: a stop is heard within this
-PERIOD_MS = 50  # ALSA period: playback starts once one is written (below the 200 ms prebuffer)
+PERIOD_MS = 20  # ALSA period: playback starts once one is written; a blocking write wakes once per period
 UNDERRUN_SLACK_S = 0.04  # a piece later than its due time by more than this followed a gap
 
 # ---------------------------------------------------------------- prebuffer
