@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -107,6 +108,25 @@ def pulse_server() -> Iterator[PulseServer]:
         shutil.rmtree(d, ignore_errors=True)
 
 
+class SizeLog(threading.Thread):
+    """(time, bytes) of the capture file every 2 ms: when each captured sample arrived."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(daemon=True)
+        self.path, self.points, self.done = path, [], threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            self.points.append((time.monotonic(), self.path.stat().st_size))
+            time.sleep(0.002)
+
+    def arrival(self, sample: int) -> float:
+        for t, size in self.points:
+            if size // 4 > sample:
+                return t
+        return float("nan")
+
+
 def _wait_for_data(path: Path, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while path.stat().st_size < RATE * 4 // 5:  # 200 ms of samples
@@ -123,6 +143,42 @@ def _wait_ready(server: PulseServer, timeout: float = 10.0) -> None:
         time.sleep(0.05)
     log = (server.dir / "pulse.log").read_text(errors="replace")[-2000:] if (server.dir / "pulse.log").exists() else ""
     raise RuntimeError(f"pulseaudio did not answer within {timeout} s: {log}")
+
+
+def speechlike(seconds: float, seed: int = 0) -> np.ndarray:
+    """A chirp (180 Hz rising 120 Hz/s) with a syllable-rate envelope and some noise: no lag looks like another."""
+    t = np.arange(int(seconds * RATE)) / RATE
+    rng = np.random.default_rng(seed)
+    tone = np.sin(2 * np.pi * (180 * t + 60 * t**2)) * (0.55 + 0.45 * np.sin(2 * np.pi * 4 * t))
+    return (0.3 * tone + 0.03 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+@dataclass
+class Heard:
+    """What a listener at the sink heard of ``sent``: the shape, the level and the length."""
+
+    correlation: float  # normalized cross-correlation at the best lag
+    level_db: float  # RMS of the captured audio over RMS of the sent audio, at that lag
+    length_diff: int  # samples heard (silence trimmed) minus samples sent (silence trimmed)
+
+    def __str__(self) -> str:
+        return f"correlation {self.correlation:.4f}, level {self.level_db:+.2f} dB, length {self.length_diff:+d} samples"
+
+    def ok(self) -> bool:
+        """The acceptance: correlation > 0.99, level within 0.5 dB, length within one frame (1920 samples)."""
+        return self.correlation > 0.99 and abs(self.level_db) <= 0.5 and abs(self.length_diff) <= FRAME
+
+
+FRAME = 1920  # one Mimi frame (80 ms)
+
+
+def heard(captured: np.ndarray, sent: np.ndarray) -> Heard:
+    corr, lag = best_correlation(captured, sent)
+    window = captured[lag : lag + len(sent)]
+    rms_c = float(np.sqrt(np.mean(np.square(window, dtype=np.float64)))) if len(window) else 0.0
+    rms_s = float(np.sqrt(np.mean(np.square(sent[: len(window)], dtype=np.float64)))) if len(window) else 0.0
+    level = 20 * np.log10(max(rms_c, 1e-12) / max(rms_s, 1e-12))
+    return Heard(corr, float(level), len(trim_silence(captured)) - len(trim_silence(sent)))
 
 
 def trim_silence(x: np.ndarray, threshold: float = 1e-4) -> np.ndarray:

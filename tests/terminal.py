@@ -75,6 +75,14 @@ class Tmux:
             time.sleep(0.05)
         raise AssertionError(f"the program did not exit within {timeout} s; screen:\n{self.transcript()}")
 
+    def program_pid(self) -> int:
+        """The pid of the command (a child of the pane's shell)."""
+        shell = int(self._tmux("list-panes", "-t", self.name, "-F", "#{pane_pid}").split()[0])
+        children = Path(f"/proc/{shell}/task/{shell}/children").read_text().split()
+        if not children:
+            raise AssertionError(f"the pane's shell {shell} has no child process")
+        return int(children[0])
+
     def close(self) -> None:
         subprocess.run(["tmux", "-S", str(self.socket), "kill-server"], capture_output=True, timeout=10)
 

@@ -1,28 +1,32 @@
-"""Playback through a real PulseAudio null sink (started per test in a private dir), and the prebuffer rule."""
+"""Playback through a real PulseAudio null sink (started per test in a private dir), and the prebuffer rule.
+
+What a listener hears is checked three ways (tests/pulse.py ``heard``): correlation > 0.99, level within
+0.5 dB and length within one frame. Load tests play with every core busy, and with the player's process
+stopped (SIGSTOP) for 300 ms while generation is ahead: no underrun, the same audio.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
-from pulse import best_correlation, pulse_server, pulseaudio_missing, trim_silence
+from load import spinning, stall
+from pulse import best_correlation, heard, pulse_server, pulseaudio_missing, speechlike, trim_silence
 
 from companion.audio.playback import Player, Prebuffer, open_output, output_devices, resolve_device
 from companion.errors import CompanionError
 
 RATE = 24000
 CHUNK = 1920  # one Mimi frame
-
-
-def speechlike(seconds: float, seed: int = 0) -> np.ndarray:
-    """A chirp with a syllable-rate envelope and some noise: no lag of it looks like another."""
-    t = np.arange(int(seconds * RATE)) / RATE
-    rng = np.random.default_rng(seed)
-    tone = np.sin(2 * np.pi * (180 * t + 60 * t**2)) * (0.55 + 0.45 * np.sin(2 * np.pi * 4 * t))
-    return (0.3 * tone + 0.03 * rng.standard_normal(len(t))).astype(np.float32)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def generated(audio: np.ndarray, seconds_per_chunk: float = 0.0) -> Iterator[np.ndarray]:
@@ -53,13 +57,10 @@ def pulse(monkeypatch: pytest.MonkeyPatch):
     _reinit_portaudio()
 
 
-def assert_heard(captured: np.ndarray, sent: np.ndarray) -> float:
-    corr, _ = best_correlation(captured, sent)
-    heard = trim_silence(captured)
-    print(f"correlation {corr:.4f}, heard {len(heard) / RATE:.3f} s of {len(sent) / RATE:.3f} s")
-    assert corr > 0.95
-    assert abs(len(heard) - len(sent)) <= 0.05 * len(sent)
-    return corr
+def assert_heard(captured: np.ndarray, sent: np.ndarray) -> None:
+    h = heard(captured, sent)
+    print(h)
+    assert h.ok(), h  # correlation > 0.99, level within 0.5 dB, length within one frame
 
 
 # ---------------------------------------------------------------- the prebuffer rule (no device needed)
@@ -98,15 +99,76 @@ def test_played_audio_reaches_the_sink_unchanged(pulse):
 
 
 @pytest.mark.audio
+def test_with_every_core_busy_playback_is_unchanged(pulse):
+    """The load test: one spinning process per core beside the player (and the audio server)."""
+    sent = speechlike(4.0, seed=4)
+    player = Player().check()
+    with spinning(seconds=60), pulse.capture() as cap:
+        report = player.play(generated(sent, 0.016), expected_seconds=4.0)  # generation at 0.2x real time
+    assert report.underruns == 0
+    assert_heard(cap.audio(), sent)
+
+
+def play_in_child(pulse, seconds: float, seed: int, rtf: float, stall_at: list[float], stall_s: float):
+    """tests/play_child.py plays a reply with the real Player; its process is stopped at ``stall_at`` s."""
+    env = dict(os.environ, PULSE_SERVER=pulse.server, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "play_child.py"), str(seconds), str(seed), str(rtf)],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        play_at = json.loads(proc.stdout.readline())["play_at"]
+        for at in stall_at:
+            time.sleep(max(0.0, play_at + at - time.monotonic()))
+            stall(proc.pid, stall_s)
+        report = json.loads(proc.stdout.readline())
+        assert proc.wait(timeout=60) == 0
+        return report
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.audio
+def test_a_stalled_player_keeps_playing_what_it_handed_over(pulse):
+    """Every core busy and the player's process stopped for 300 ms twice, generation seconds ahead by then.
+
+    Audio that the player already handed to the audio server plays on while the process is stopped:
+    no underrun, and the listener hears the reply unchanged.
+    """
+    sent = speechlike(6.0, seed=5)
+    with spinning(seconds=60), pulse.capture() as cap:
+        report = play_in_child(pulse, 6.0, 5, 0.2, stall_at=[2.0, 4.0], stall_s=0.3)
+    print(report)
+    assert report["underruns"] == 0 and not report["cancelled"]
+    assert_heard(cap.audio(), sent)
+
+
+@pytest.mark.audio
+def test_a_stall_longer_than_the_device_buffer_is_counted(pulse):
+    """The other side: stop the player for longer than the device holds (2 s): the gap is counted and heard."""
+    sent = speechlike(6.0, seed=6)
+    with pulse.capture() as cap:
+        report = play_in_child(pulse, 6.0, 6, 0.2, stall_at=[2.0], stall_s=3.0)
+    print(report)
+    assert report["underruns"] >= 1 and report["total_underruns"] == report["underruns"]
+    h = heard(cap.audio(), sent)
+    print(h)
+    assert h.length_diff > 0.5 * RATE  # the gap: heard for longer than the reply lasts
+
+
+@pytest.mark.audio
 def test_slow_generation_is_prebuffered_without_underruns(pulse):
     sent = speechlike(2.4, seed=1)
     player = Player().check()
     # 80 ms of audio every 110 ms: generation at 0.73x real time.
     with pulse.capture() as cap:
         report = player.play(generated(sent, 0.110), expected_seconds=2.4)
-    print(f"first sound after {report.first_sound_s:.2f} s, underruns {report.underruns}")
+    print(f"started with {report.prebuffered_s:.2f} s buffered, underruns {report.underruns}")
     assert report.underruns == 0
-    assert report.first_sound_s is not None and report.first_sound_s > 0.5  # it did wait
+    # it waited: 2.4 s at <= 0.73x needs at least 2.4 * (1 - 0.73 / 1.25) = 1.0 s buffered (a slower
+    # machine only raises that)
+    assert report.prebuffered_s is not None and report.prebuffered_s >= 1.0
     assert_heard(cap.audio(), sent)
 
 
@@ -126,7 +188,9 @@ def test_without_the_prebuffer_slow_generation_underruns_and_is_counted(pulse):
 
 
 @pytest.mark.audio
-def test_stop_silences_playback_within_300_ms(pulse):
+def test_stop_silences_what_the_device_already_holds(pulse):
+    """Stopped 1 s into a 6 s reply that was all generated at once (2 s of it handed to the device):
+    the device's buffer is dropped too, so less than 1 + 2 s is heard (counted in samples, not timed)."""
     sent = speechlike(6.0, seed=3)
     player = Player().check()
     cancel = threading.Event()
@@ -134,21 +198,18 @@ def test_stop_silences_playback_within_300_ms(pulse):
 
     def play() -> None:
         result["report"] = player.play(generated(sent), cancel=cancel, expected_seconds=6.0)
-        result["returned"] = time.monotonic()
 
     with pulse.capture() as cap:
         thread = threading.Thread(target=play)
         thread.start()
         time.sleep(1.0)
-        stopped_at = time.monotonic()
         cancel.set()
         player.stop()
-        thread.join(5)
-    elapsed = result["returned"] - stopped_at
-    print(f"play() returned {elapsed * 1000:.0f} ms after stop()")
-    assert result["report"].cancelled and elapsed < 0.3
-    heard = trim_silence(cap.audio())
-    assert 0.8 * RATE < len(heard) < 1.5 * RATE  # about the 1 s before the stop, not the 6 s
+        thread.join(30)
+    assert not thread.is_alive() and result["report"].cancelled
+    heard_s = len(trim_silence(cap.audio())) / RATE
+    print(f"heard {heard_s:.2f} s of {len(sent) / RATE:.1f} s")
+    assert 0.2 < heard_s < 2.5  # sound had started; without the drop it would be >= 3 s
 
 
 @pytest.mark.audio

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -50,18 +49,15 @@ def _profile(name: str, source: Path, transcript_file: Path) -> VoiceProfile:
     return VoiceStore().get(name)
 
 
-def test_second_load_skips_the_codec_and_is_10x_faster(data_dir: Path, counting: CountingEngine) -> None:
+def test_second_load_skips_the_decoder_and_the_codec(data_dir: Path, counting: CountingEngine) -> None:
+    """Counted, not timed: the codec runs once and the hit decodes no audio (the speed-up is in
+    benchmarks/unit_figures.py and docs/benchmarks.md)."""
     profile = _profile("reader", data_dir / "narrator.mp3", data_dir / "narrator.txt")
     settings = ReferenceSettings()
 
-    start = time.perf_counter()
     first = load_voice(profile, counting, settings, ReferenceCache())
-    cold = time.perf_counter() - start
-    start = time.perf_counter()
     cache = ReferenceCache()  # a new session: a new cache object over the same folder
     second = load_voice(VoiceStore().get("reader"), counting, settings, cache)
-    warm = time.perf_counter() - start
-    print(f"\nnarrator.mp3 (118 s): first load {cold:.3f} s, second load {warm:.4f} s ({cold / warm:.0f}x)")
 
     assert counting.encode_calls == 1
     assert (first.cache_hit, second.cache_hit) == (False, True) and (cache.hits, cache.misses) == (1, 0)
@@ -71,7 +67,6 @@ def test_second_load_skips_the_codec_and_is_10x_faster(data_dir: Path, counting:
     assert first.codes.shape[1] == pytest.approx(len(first.audio) / 1920, abs=1)
     assert torch.equal(first.codes, second.codes)
     assert second.transcript is not None and second.transcript.startswith("Good evening")
-    assert cold > 10 * warm
 
 
 def test_editing_the_audio_invalidates(data_dir: Path, counting: CountingEngine) -> None:

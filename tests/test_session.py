@@ -12,7 +12,6 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import torch
 
@@ -73,9 +72,13 @@ def same_segment(a: Segment, b: Segment) -> bool:
 WORDS = ["Yes.", "Right.", "Sure.", "Hi.", "Good.", "Fine."]  # one syllable: one segment each
 
 
-def rss() -> int:
+def tensors_held(engine: RecordingEngine) -> int:
+    """Tensors alive in the process, but for the prompts the test itself records: what the session (and
+    everything else) keeps, counted rather than measured as resident memory (which depends on the
+    allocator and the machine; benchmarks/unit_figures.py measures that)."""
     gc.collect()
-    return psutil.Process().memory_info().rss
+    recorded = {id(s.codes) for context, *_ in engine.prompts for s in context}
+    return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor) and id(o) not in recorded)
 
 
 @pytest.mark.slow
@@ -95,11 +98,11 @@ def test_200_turns_stay_in_budget_with_the_reference_in_every_prompt(tiny_model_
             assert engine.last_stats.prompt_positions + options.max_frames <= engine.max_seq_len
             assert same_segment(context[0], reference)  # the reference leads every prompt
             if turn in (50, 200):
-                sizes[turn] = rss()
+                sizes[turn] = tensors_held(engine)
         assert sum(s.dropped_turns for s in session.stats) > 100  # it really pruned, again and again
         assert len(store.turns(session.session_id)) == 200
-        print("RSS at turns 50 and 200 (MB):", sizes[50] / 2**20, sizes[200] / 2**20)
-        assert abs(sizes[200] - sizes[50]) <= 0.05 * sizes[50], sizes
+        print("tensors alive at turns 50 and 200:", sizes)
+        assert abs(sizes[200] - sizes[50]) <= 10, sizes  # one tensor kept per turn would add 150
 
 
 def test_after_clear_the_next_prompt_is_the_reference_plus_the_new_text(tiny_model_dir: Path, data_dir: Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import time
 from pathlib import Path
 
 import numpy as np
@@ -140,16 +139,6 @@ def test_embed_keeps_rate_and_channels(data_dir: Path) -> None:
 def test_too_short_is_not_judged(marked: np.ndarray) -> None:
     result = detect(marked[: SAMPLE_RATE // 2], SAMPLE_RATE, KEY)
     assert not result.detected and result.score == 0.0 and result.seconds == pytest.approx(0.5)
-
-
-def test_chunk_cost_is_small(guest: np.ndarray) -> None:
-    wm = Watermarker(KEY)
-    chunk = guest[24000 : 24000 + 1920]  # one Mimi frame's worth (80 ms)
-    start = time.perf_counter()
-    for _ in range(200):
-        wm.apply(chunk)
-    per_chunk_ms = (time.perf_counter() - start) / 200 * 1000
-    assert per_chunk_ms < 2.0, per_chunk_ms  # ~0.05 ms measured; 80 ms of audio per chunk
 
 
 def test_keys_give_different_blocks() -> None:

@@ -1,104 +1,41 @@
 """Playing replies as they are generated (sounddevice), or writing them to WAV files when there is no device.
 
 The only module that imports sounddevice, and only inside functions: a machine without PortAudio can
-still import companion. The stream callback only moves data: it takes chunks from a queue, writes
-silence when the queue is empty and counts that as an underrun.
+still import companion. There is no audio callback: a writer thread hands the audio to the device in
+blocking writes, as far ahead as generation allows (up to a 2 s device buffer), so a stalled process
+keeps playing what it has handed over. The design and its numbers are in docs/chat.md.
 """
 
 from __future__ import annotations
 
 import collections
-import re
+import contextlib
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Protocol
 
 import numpy as np
 
+from companion.audio.devices import (
+    AudioUnavailable,
+    OutputDevice,
+    device_error_reason,
+    load_sounddevice,
+    output_devices,
+    resolve_device,
+    set_alsa_periods,
+)
 from companion.audio.io import write_wav
-from companion.errors import CompanionError
+from companion.audio.quiet import stderr_silenced
 
 SAMPLE_RATE = 24000
-NO_PORTAUDIO = (
-    "the PortAudio library is not installed (Debian/Ubuntu: sudo apt install libportaudio2; "
-    "macOS: brew install portaudio)"
-)
-
-
-class AudioUnavailable(CompanionError):
-    """No way to play sound here: no PortAudio, no audio server, or no output device."""
-
-
-def _sounddevice() -> ModuleType:
-    try:
-        import sounddevice
-    except OSError as err:  # raised by sounddevice when libportaudio is missing
-        raise AudioUnavailable(NO_PORTAUDIO) from err
-    return sounddevice
-
-
-# ---------------------------------------------------------------- devices
-
-
-@dataclass(frozen=True)
-class OutputDevice:
-    index: int
-    name: str
-    hostapi: str
-    channels: int
-    sample_rate: float
-    is_default: bool
-
-
-def output_devices() -> list[OutputDevice]:
-    """Every device that can play sound; raises AudioUnavailable when PortAudio is missing."""
-    sd = _sounddevice()
-    try:
-        devices = sd.query_devices()
-        hostapis = sd.query_hostapis()
-    except sd.PortAudioError as err:
-        raise AudioUnavailable(f"cannot list audio devices ({err})") from err
-    default = _default_output(sd)
-    return [
-        OutputDevice(i, d["name"], hostapis[d["hostapi"]]["name"], d["max_output_channels"],
-                     d["default_samplerate"], i == default)
-        for i, d in enumerate(devices)
-        if d["max_output_channels"] > 0
-    ]
-
-
-def _default_output(sd: ModuleType) -> int | None:
-    try:
-        index = sd.default.device[1]
-    except (sd.PortAudioError, IndexError, TypeError):
-        return None
-    return index if isinstance(index, int) and index >= 0 else None
-
-
-def resolve_device(spec: str | int | None) -> int | None:
-    """``--output-device``: an index or (part of) a name from ``companion devices``; None is the default."""
-    if spec is None or spec == "":
-        return None
-    devices = output_devices()
-    if not devices:
-        raise AudioUnavailable("no audio output device found (no audio server running?)")
-    if isinstance(spec, int) or re.fullmatch(r"\d+", str(spec)):
-        index = int(spec)
-        if any(d.index == index for d in devices):
-            return index
-        raise CompanionError(f"there is no output device {index}: run `companion devices` to list them")
-    matches = [d for d in devices if str(spec).lower() in d.name.lower()]
-    if len(matches) == 1 or (matches and matches[0].name.lower() == str(spec).lower()):
-        return matches[0].index
-    if not matches:
-        raise CompanionError(f"no output device matches {spec!r}: run `companion devices` to list them")
-    names = ", ".join(f"{d.index}: {d.name}" for d in matches)
-    raise CompanionError(f"{spec!r} matches several output devices ({names}): give its number instead")
-
+BUFFER_MS = 2000  # the device buffer: how long a stalled process keeps playing (docs/chat.md)
+PIECE_MS = 20  # one blocking write: a stop is heard within this
+PERIOD_MS = 20  # ALSA period: playback starts once one is written; a blocking write wakes once per period
+UNDERRUN_SLACK_S = 0.04  # a piece later than its due time by more than this followed a gap
 
 # ---------------------------------------------------------------- prebuffer
 
@@ -146,6 +83,7 @@ class PlayReport:
     cancelled: bool
     first_sound_s: float | None  # from play() to the stream starting
     path: Path | None = None  # the WAV file, for WavWriter
+    prebuffered_s: float | None = None  # audio generated when the stream started
 
 
 class AudioOutput(Protocol):
@@ -158,55 +96,116 @@ class AudioOutput(Protocol):
 
 
 class _Feed:
-    """What the callback plays: chunks in a deque (appends and pops are atomic), None ends the stream."""
+    """Audio between the generator and the writer thread: a deque (appends and pops are atomic), None ends it."""
 
-    def __init__(self, stop: type[BaseException]) -> None:
-        self.stop = stop  # sounddevice.CallbackStop
+    def __init__(self) -> None:
         self.chunks: collections.deque[np.ndarray | None] = collections.deque()
-        self.current: np.ndarray = np.zeros(0, np.float32)
-        self.pos = 0
-        self.ended = False
-        self.halted = False  # set by Player.stop(): silence from the next block on
+        self.more = threading.Event()  # set after each append: wakes a writer that found the deque empty
+        self.stopped = threading.Event()  # set by Player.stop(): the writer drops the device's buffer and returns
         self.underruns = 0
-        self.done = threading.Event()
         self.started_at: float | None = None
+        self.prebuffered_s: float | None = None
 
-    def callback(self, outdata: np.ndarray, frames: int, _time: Any, status: Any) -> None:
-        out = outdata[:, 0]
-        n = 0
-        self.ended = self.ended or self.halted
-        while n < frames and not self.ended:
-            if self.pos >= len(self.current):
-                if not self.chunks:
-                    break
-                nxt = self.chunks.popleft()
-                if nxt is None:
-                    self.ended = True
-                    break
-                self.current, self.pos = nxt, 0
-            take = min(frames - n, len(self.current) - self.pos)
-            out[n : n + take] = self.current[self.pos : self.pos + take]
-            n, self.pos = n + take, self.pos + take
-        out[n:] = 0.0
-        if status.output_underflow or (n < frames and not self.ended):
-            self.underruns += 1
-        if self.ended:
-            raise self.stop
+    def put(self, chunk: np.ndarray | None) -> None:
+        self.chunks.append(chunk)
+        self.more.set()
+
+    @property
+    def halted(self) -> bool:
+        return self.stopped.is_set()
+
+    def halt(self) -> None:
+        self.stopped.set()
+        self.more.set()
+
+
+class _Writer(threading.Thread):
+    """Hands the feed's audio to the device in blocking writes of ``piece`` frames, as fast as it takes them.
+
+    The device buffer (``Player.buffer_ms``) fills as far as generation is ahead, so audio already handed
+    over keeps playing while this process is stalled. Between pieces the writer checks ``halted``: a stop
+    aborts the stream (which also drops what the audio server holds) within one piece.
+
+    Underruns are counted by the clock: audio written by time t plays until ``anchor + written / rate``;
+    a piece that arrives later than that (by more than ``slack_s``) follows a gap. PortAudio's own
+    underflow flag counts too (once per gap).
+    """
+
+    def __init__(self, stream: Any, feed: _Feed, rate: int, piece: int, slack_s: float) -> None:
+        super().__init__(name="companion-audio-writer", daemon=True)
+        self.stream, self.feed, self.rate, self.piece, self.slack_s = stream, feed, rate, piece, slack_s
+        self.anchor: float | None = None  # when frame 0 would have played, had nothing ever been late
+        self.written = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            if self._write_all():
+                self._drain()
+        except BaseException as err:  # noqa: BLE001 - handed to play(), which raises it in its own thread
+            self.error = err
+        finally:
+            if self.feed.halted or self.error is not None:
+                with contextlib.suppress(Exception):
+                    self.stream.abort()
+
+    def _write_all(self) -> bool:
+        """Write until the end marker (True) or a stop (False)."""
+        feed, counted_last = self.feed, False
+        while not feed.halted:
+            if not feed.chunks:
+                feed.more.clear()
+                if not feed.chunks:
+                    feed.more.wait(0.02)
+                continue
+            chunk = feed.chunks.popleft()
+            if chunk is None:
+                return True
+            for pos in range(0, len(chunk), self.piece):
+                if feed.halted:
+                    return False
+                late = self._late()
+                flagged = bool(self.stream.write(chunk[pos : pos + self.piece]))
+                if late or (flagged and not counted_last):
+                    feed.underruns += 1
+                counted_last = late or flagged
+                self.written += min(self.piece, len(chunk) - pos)
+        return False
+
+    def _late(self) -> bool:
+        now = time.monotonic()
+        if self.anchor is None:
+            self.anchor = now
+            return False
+        due = self.anchor + self.written / self.rate
+        if now <= due + self.slack_s:
+            return False
+        self.anchor = now - self.written / self.rate  # playback resumes with this piece
+        return True
+
+    def _drain(self) -> None:
+        """Wait (stoppably) until everything written has played by the clock, then let the stream finish."""
+        end = (self.anchor or time.monotonic()) + self.written / self.rate
+        if not self.feed.stopped.wait(max(0.0, end - time.monotonic())):
+            self.stream.stop()  # what is left (the server's own latency) plays out
 
 
 class Player:
-    """Plays a stream of chunks through one OutputStream per utterance.
+    """Plays a stream of chunks through one blocking OutputStream per utterance.
 
-    ``play`` consumes ``chunks`` (which may be generated on the fly) in the calling thread and
-    returns when the utterance has been heard or ``stop()``/``cancel`` ends it (< 50 ms).
+    ``play`` consumes ``chunks`` (which may be generated on the fly) in the calling thread; once the
+    prebuffer is there a writer thread hands them to the device, whose buffer holds up to ``buffer_ms``
+    of audio. ``play`` returns when the utterance has been heard or ``stop()``/``cancel`` ends it.
     """
 
     def __init__(self, device: str | int | None = None, sample_rate: int = SAMPLE_RATE,
-                 prebuffer_ms: int = 200, tail_silence_ms: int = 100) -> None:
+                 prebuffer_ms: int = 200, tail_silence_ms: int = 100, buffer_ms: int = BUFFER_MS) -> None:
         self.sample_rate = sample_rate
         self.device_spec = device
         self.device: int | None = None
         self.prebuffer = Prebuffer(minimum_s=prebuffer_ms / 1000)
+        self.buffer_s = buffer_ms / 1000
+        self.piece = sample_rate * PIECE_MS // 1000
         self.tail = np.zeros(int(sample_rate * tail_silence_ms / 1000), np.float32)
         self.underruns = 0
         self._stop = threading.Event()
@@ -214,32 +213,33 @@ class Player:
 
     def check(self) -> Player:
         """Raise AudioUnavailable unless a stream can be opened on the chosen device."""
-        sd = _sounddevice()
+        sd = load_sounddevice()
         self.device = resolve_device(self.device_spec)
         try:
-            sd.check_output_settings(device=self.device, channels=1, dtype="float32", samplerate=self.sample_rate)
+            with stderr_silenced():  # PortAudio opens the device to check it
+                sd.check_output_settings(device=self.device, channels=1, dtype="float32", samplerate=self.sample_rate)
         except (sd.PortAudioError, ValueError) as err:
-            raise AudioUnavailable(f"no audio output ({_reason(err)})") from err
+            raise AudioUnavailable(f"no audio output ({device_error_reason(err)})") from err
         return self
 
     def describe(self) -> str:
-        sd = _sounddevice()
+        sd = load_sounddevice()
         try:
             return str(sd.query_devices(self.device, "output")["name"])
         except (sd.PortAudioError, ValueError):
             return "default"
 
     def stop(self) -> None:
-        """End the current utterance now (from any thread): the stream goes silent within one block."""
+        """End the current utterance now (from any thread): silence within one piece (20 ms)."""
         self._stop.set()
         if self._feed is not None:
-            self._feed.halted = True
+            self._feed.halt()
 
     def play(self, chunks: Iterable[np.ndarray], *, cancel: threading.Event | None = None,
              expected_seconds: float | None = None) -> PlayReport:
         self._stop.clear()
         stopped = (lambda: self._stop.is_set() or cancel.is_set()) if cancel else self._stop.is_set
-        feed, stream = _Feed(_sounddevice().CallbackStop), None
+        feed, writer = _Feed(), None
         self._feed = feed
         start = time.monotonic()
         first: float | None = None
@@ -251,63 +251,78 @@ class Player:
                     break
                 if first is None:
                     first, first_len = time.monotonic(), len(chunk) / self.sample_rate
-                feed.chunks.append(np.ascontiguousarray(chunk, dtype=np.float32).reshape(-1))
+                feed.put(np.ascontiguousarray(chunk, dtype=np.float32).reshape(-1))
                 generated += len(chunk) / self.sample_rate
                 count += 1
                 rate = _rate(generated - first_len, first, count)
-                if stream is None and generated >= self.prebuffer.threshold(expected_seconds, rate):
-                    stream = self._open(feed)
+                if writer is None and generated >= self.prebuffer.threshold(expected_seconds, rate):
+                    writer = self._start(feed, generated)
+                if writer is not None and writer.error is not None:
+                    break
             if stopped():
                 return self._report(feed, generated, True, start)
             if first is not None:
                 self.prebuffer.observe(generated / max(time.monotonic() - first, 1e-6))
-            feed.chunks.extend([self.tail, None])
-            if stream is None and generated > 0:
-                stream = self._open(feed)
-            if stream is not None:
-                self._wait(feed, stopped, generated)
+            feed.put(self.tail)
+            feed.put(None)
+            if writer is None and generated > 0:
+                writer = self._start(feed, generated)
+            if writer is not None:
+                self._wait(writer, feed, stopped)
+                _raise_failure(writer)
             return self._report(feed, generated, stopped(), start)
         finally:
-            if stream is not None:
-                if not feed.done.is_set():
-                    stream.abort()
-                stream.close()
+            if writer is not None:
+                if writer.is_alive():  # leaving early (an error in generation, a stop): silence now
+                    feed.halt()
+                writer.join()
+                with stderr_silenced():
+                    writer.stream.close()
             self.underruns += feed.underruns
             self._feed = None
 
-    def _open(self, feed: _Feed) -> Any:
-        sd = _sounddevice()
+    def _start(self, feed: _Feed, prebuffered_s: float) -> _Writer:
+        sd = load_sounddevice()
         try:
-            stream = sd.OutputStream(samplerate=self.sample_rate, channels=1, dtype="float32", device=self.device,
-                                     callback=feed.callback, finished_callback=feed.done.set)
-            stream.start()
+            set_alsa_periods(sd, max(2, round(self.buffer_s * 1000 / PERIOD_MS)))
+            with stderr_silenced():
+                stream = sd.OutputStream(samplerate=self.sample_rate, channels=1, dtype="float32",
+                                         device=self.device, latency=self.buffer_s)
+                stream.start()
         except sd.PortAudioError as err:
-            raise AudioUnavailable(f"cannot open the audio output ({_reason(err)})") from err
-        feed.started_at = time.monotonic()
-        return stream
+            raise AudioUnavailable(f"cannot open the audio output ({device_error_reason(err)})") from err
+        feed.started_at, feed.prebuffered_s = time.monotonic(), prebuffered_s
+        writer = _Writer(stream, feed, self.sample_rate, self.piece, UNDERRUN_SLACK_S)
+        writer.start()
+        return writer
 
-    def _wait(self, feed: _Feed, stopped: Any, seconds: float) -> None:
-        deadline = time.monotonic() + seconds + 5.0
-        while not feed.done.wait(0.01):
-            if stopped() or time.monotonic() > deadline:
-                return
+    def _wait(self, writer: _Writer, feed: _Feed, stopped: Any) -> None:
+        while writer.is_alive():
+            if stopped():
+                feed.halt()
+            writer.join(0.01)
 
     def _report(self, feed: _Feed, seconds: float, cancelled: bool, start: float) -> PlayReport:
         started = feed.started_at
-        return PlayReport(seconds, feed.underruns, cancelled, None if started is None else started - start)
+        return PlayReport(seconds, feed.underruns, cancelled, None if started is None else started - start,
+                          prebuffered_s=feed.prebuffered_s)
+
+
+def _raise_failure(writer: _Writer) -> None:
+    """An error in the writer thread, raised in play()'s thread (a device error as the program's own)."""
+    err = writer.error
+    if err is None:
+        return
+    sd = load_sounddevice()
+    if isinstance(err, sd.PortAudioError):
+        raise AudioUnavailable(f"the audio output failed ({device_error_reason(err)})") from err
+    raise err
 
 
 def _rate(after_first_s: float, first: float, count: int) -> float | None:
     """Generation speed since the first chunk (which carries the prompt's cost); None before a second one."""
     elapsed = time.monotonic() - first
     return after_first_s / max(elapsed, 1e-3) if count > 1 else None
-
-
-def _reason(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    if "querying device -1" in text or "Invalid device" in text or "No Default" in text.title():
-        return "no audio device or server found: start PulseAudio/PipeWire or pick one with --output-device"
-    return text
 
 
 class WavWriter:
@@ -353,3 +368,7 @@ def open_output(device: str | int | None, fallback_dir: Path, *, sample_rate: in
         return Player(device, sample_rate, prebuffer_ms, tail_silence_ms).check(), None
     except AudioUnavailable as err:
         return WavWriter(fallback_dir, sample_rate), f"{err}; replies are written as WAV files to {fallback_dir}"
+
+
+__all__ = ["SAMPLE_RATE", "AudioOutput", "AudioUnavailable", "OutputDevice", "Player", "PlayReport", "Prebuffer",
+           "WavWriter", "open_output", "output_devices", "resolve_device"]

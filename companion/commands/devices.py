@@ -7,7 +7,7 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
-from companion.audio.playback import output_devices
+from companion.audio.devices import output_devices
 from companion.errors import CompanionError
 
 HELP = "list audio output devices (use the number or name with --output-device)"
