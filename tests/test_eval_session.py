@@ -111,7 +111,7 @@ def test_eval_session_errors(tiny_model_dir: Path, data_dir: Path) -> None:
     bad_reference = companion("eval", "session", "1", "--reference", str(data_dir / "not_audio.wav"))
     assert bad_reference.returncode == 1
     assert bad_reference.stderr.splitlines() == [
-        f"error: {data_dir / 'not_audio.wav'}: not a readable audio file (Format not recognised.): use a WAV, MP3, "
+        f"error: {data_dir / 'not_audio.wav'}: not a readable audio file (Format not recognised): use a WAV, MP3, "
         "FLAC or OGG file, or re-export it"]
     none_yet = companion("eval", "session", "1", "--model", str(tiny_model_dir))
     assert none_yet.returncode == 1

@@ -65,7 +65,7 @@ def test_table_and_one_line_errors(data_dir: Path, tmp_path: Path) -> None:
         "error: short.wav: too short to measure (0.2 s of speech, at least 1 s needed): use a longer clip",
         "error: silence.wav: contains only silence: there is no voice in it to measure",
         "error: empty.wav: file is empty (0 bytes): record or export it again",
-        "error: not_audio.wav: not a readable audio file (Format not recognised.): use a WAV, MP3, FLAC or OGG "
+        "error: not_audio.wav: not a readable audio file (Format not recognised): use a WAV, MP3, FLAC or OGG "
         "file, or re-export it",
         f"error: {missing}: file not found: check the path (relative paths start in the current folder)",
     ]
