@@ -103,21 +103,19 @@ def open_speech_output(settings: Settings, save_dir: Path | None, console: Conso
 def load_session(settings: Settings, console: Console, *, resume: str | None = None,
                  history: bool = True) -> Iterator[Session]:
     """Load the model (with a progress line), then a new session or the resumed one, with its voice."""
-    from companion.config import resolve_model_path
-    from companion.engine import Engine
+    from companion.commands.common import open_engine
     from companion.session import Session
     from companion.store import Store
     from companion.voices import VoiceStore
 
     m = settings.model
     start = time.monotonic()
-    with console.status(f"loading {m.id} …", spinner="dots"):
-        engine = Engine.load(resolve_model_path(m.id), revision=m.revision, device=m.device, dtype=m.dtype,
-                             max_seq_len=settings.context.max_seq_len)
-    console.print(f"[green]✓[/] model {m.id} loaded in {time.monotonic() - start:.1f} s", highlight=False)
-    store = Store(get_paths().history_db) if history else None
-    voices = VoiceStore()
-    try:
+    with ExitStack() as stack:
+        with console.status(f"loading {m.id} …", spinner="dots"):
+            engine = stack.enter_context(open_engine(settings))
+        console.print(f"[green]✓[/] model {m.id} loaded in {time.monotonic() - start:.1f} s", highlight=False)
+        store = stack.enter_context(Store(get_paths().history_db)) if history else None
+        voices = VoiceStore()
         if resume is not None and store is not None:
             session = Session.resume(engine, settings, store, _resume_id(resume), voices)
             console.print(f"resumed conversation {session.session_id}", highlight=False)
@@ -127,9 +125,6 @@ def load_session(settings: Settings, console: Console, *, resume: str | None = N
             with console.status(f"preparing voice {settings.voice} …", spinner="dots"):
                 session.use_voice(settings.voice)
         yield session
-    finally:
-        if store is not None:
-            store.close()
 
 
 def _resume_id(value: str) -> int | None:
