@@ -35,8 +35,8 @@ def test_pruning_with_slack_keeps_the_mean_prefill_under_a_quarter_of_the_contex
     assert goal_met(c)
     # After a prune the next turns only prefill their own text and the last reply's end, far less than
     # the turns kept (no full re-prefill on every turn).
-    after_prune = [p for p, d, before in zip(c["prefill_positions"][1:], c["dropped_turns"][1:], c["dropped_turns"])
-                   if not d and before]
+    pairs = zip(c["prefill_positions"][1:], c["dropped_turns"][1:], c["dropped_turns"][:-1], strict=True)
+    after_prune = [p for p, d, before in pairs if not d and before]
     assert after_prune and max(after_prune) < 0.1 * c["max_seq_len"]
 
 
