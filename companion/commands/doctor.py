@@ -116,7 +116,7 @@ def _context_check(settings: Settings, config_check: Check) -> Check:
     from companion.engine.memory import fits, gib, too_big_message
 
     if config_check.status == FAIL:
-        return Check("context", FAIL, "not checked: the config is invalid (see the config row)")
+        return Check("context", WARN, "not checked: the config is invalid (see the config row)")
     est, available, what = memory_estimate(settings)
     if not fits(est, available):
         return Check("context", FAIL, too_big_message(est, available, what))

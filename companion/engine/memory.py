@@ -7,7 +7,8 @@ or the hub cache; no download, no weights); without them it uses CSM-1B's sizes.
 - per context position: the backbone's key/value cache (layers x 2 x kv_heads x head_dim x dtype
   bytes), its RoPE tables, and the engine's per-position bookkeeping (the prompt rows it keeps and
   views into the RoPE tables);
-- attention working memory of a prefill: heads x ``PREFILL_CHUNK`` x max_seq_len float32 scores.
+- attention working memory of a prefill: heads x ``PREFILL_CHUNK`` x max_seq_len float32 scores
+  (a prefill attends ``PREFILL_CHUNK`` positions at once against the whole context, at most).
 
 The depth decoder's cache holds K + 1 positions whatever ``max_seq_len`` is (counted, but small).
 """
@@ -38,29 +39,39 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "F32": 4, "BF16": 2, "
 @dataclass(frozen=True)
 class MemoryEstimate:
     weights: int  # bytes
-    context: int  # bytes for max_seq_len positions (caches, tables, prefill scores)
+    per_position: int  # bytes the context needs per position
+    fixed: int  # bytes the context needs whatever its length (the depth decoder's cache)
     max_seq_len: int
     source: str  # where the sizes came from
 
     @property
+    def context(self) -> int:
+        return self.per_position * self.max_seq_len + self.fixed
+
+    @property
     def total(self) -> int:
         return self.weights + self.context
+
+    def longest_fitting(self, available: int) -> int:
+        """The most positions that fit ``available`` bytes beside the weights (0 if none)."""
+        return max(0, (available - self.weights - self.fixed) // self.per_position)
 
 
 def _head_dim(cfg: dict[str, Any]) -> int:
     return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
 
 
-def context_bytes(config: dict[str, Any], max_seq_len: int, dtype_bytes: int) -> int:
-    """Bytes the engine allocates for a context of ``max_seq_len`` positions (see the module doc)."""
+def context_cost(config: dict[str, Any], dtype_bytes: int) -> tuple[int, int]:
+    """Bytes per context position and fixed bytes the engine allocates (see the module doc); the
+    prefill's scores are counted as ``PREFILL_CHUNK`` rows per position (an upper bound)."""
     k = int(config.get("num_codebooks", 32))
     head_dim = _head_dim(config)
     kv = int(config["num_hidden_layers"]) * 2 * int(config["num_key_value_heads"]) * head_dim * dtype_bytes
-    per_position = kv + 2 * head_dim * dtype_bytes + (k + 1) * 8 + 8 + PER_POSITION_OVERHEAD
+    scores = int(config["num_attention_heads"]) * PREFILL_CHUNK * 4
+    per_position = kv + 2 * head_dim * dtype_bytes + (k + 1) * 8 + 8 + PER_POSITION_OVERHEAD + scores
     depth = config.get("depth_decoder_config") or CSM_1B["depth_decoder_config"]
     depth_kv = int(depth["num_hidden_layers"]) * 2 * int(depth["num_key_value_heads"]) * _head_dim(depth) * dtype_bytes
-    scores = int(config["num_attention_heads"]) * min(PREFILL_CHUNK, max_seq_len) * max_seq_len * 4
-    return per_position * max_seq_len + depth_kv * (k + 1) + scores
+    return per_position, depth_kv * (k + 1)
 
 
 def safetensors_params(folder: Path) -> int | None:
@@ -109,7 +120,8 @@ def estimate(model_id: str, revision: str | None, max_seq_len: int, dtype_bytes:
             config, params, source = CSM_1B, CSM_1B_PARAMS, "CSM-1B sizes (the checkpoint's config is unreadable)"
     mimi = min(MIMI_PARAMS, params // 20)
     weights = (params - mimi) * dtype_bytes + mimi * 4
-    return MemoryEstimate(weights, context_bytes(config, max_seq_len, dtype_bytes), max_seq_len, source)
+    per_position, fixed = context_cost(config, dtype_bytes)
+    return MemoryEstimate(weights, per_position, fixed, max_seq_len, source)
 
 
 def available_memory(device: str) -> tuple[int, str]:
@@ -135,9 +147,7 @@ def fits(est: MemoryEstimate, available: int) -> bool:
 
 def too_big_message(est: MemoryEstimate, available: int, what: str) -> str:
     """One line: what does not fit and how to fix it."""
-    per_position = est.context / est.max_seq_len
-    room = max(0, available - est.weights)
-    suggest = int(room // per_position) // 256 * 256
+    suggest = est.longest_fitting(available) // 256 * 256
     fix = f"lower context.max_seq_len in config.yaml (at most about {suggest} here)" if suggest >= 64 else (
         "free memory or use a smaller dtype (--dtype bfloat16)")
     return (
