@@ -117,7 +117,10 @@ def _context_check(settings: Settings, config_check: Check) -> Check:
 
     if config_check.status == FAIL:
         return Check("context", WARN, "not checked: the config is invalid (see the config row)")
-    est, available, what = memory_estimate(settings)
+    try:
+        est, available, what = memory_estimate(settings)
+    except CompanionError as err:  # e.g. a device that is not there: its own row says so
+        return Check("context", WARN, f"not checked: {err}")
     if not fits(est, available):
         return Check("context", FAIL, too_big_message(est, available, what))
     n = settings.context.max_seq_len
