@@ -29,8 +29,18 @@ class GenerationSettings(Schema):
     max_segment_seconds: float = Field(25.0, gt=0.0, le=60.0)
 
 
+# The longest context accepted: 16x the 2048 positions CSM-1B was trained on (about 40 minutes).
+# What the machine's memory allows is checked before the model loads (companion.engine.memory).
+MAX_SEQ_LEN_LIMIT = 32768
+
+
 class ContextSettings(Schema):
-    max_seq_len: int = Field(4096, ge=64)
+    max_seq_len: int = Field(4096, ge=64, le=MAX_SEQ_LEN_LIMIT)
+    prune_to: float = Field(0.6, gt=0.0, le=1.0)  # share of the turns' room kept after a prune
+
+
+class EngineSettings(Schema):
+    threads: int | None = Field(None, ge=1, le=1024)  # torch CPU threads; None: torch's own choice
 
 
 class ReferenceSettings(Schema):
@@ -81,6 +91,7 @@ class Settings(Schema):
     model: ModelSettings = ModelSettings()
     generation: GenerationSettings = GenerationSettings()
     context: ContextSettings = ContextSettings()
+    engine: EngineSettings = EngineSettings()
     reference: ReferenceSettings = ReferenceSettings()
     playback: PlaybackSettings = PlaybackSettings()
     watermark: WatermarkSettings = WatermarkSettings()

@@ -182,13 +182,14 @@ def test_not_a_tty_reads_lines_from_stdin(tmp_path: Path, companion_home: Path, 
     write_config(companion_home, 1)
     out = subprocess.run(
         [*COMPANION, "chat", "--model", str(tiny_model_dir), "--save-dir", str(tmp_path / "replies")],
-        input="Hello there.\n/nope\n/seed 7\nSecond line.\n/stats\n", capture_output=True, text=True,
+        input="Hello there.\n/nope\n/seed 7\nSecond line.\n/stats\n/context\n", capture_output=True, text=True,
         env=terminal_env, timeout=600, cwd=tmp_path,
     )
     print(out.stdout, out.stderr, sep="\n")
     assert out.returncode == 1  # the other lines were spoken; the exit code says one line failed
     assert "error: unknown command /nope: did you mean" in out.stdout
     assert "seed: 7" in out.stdout and re.search(r"turns spoken\s+│\s+2", out.stdout)
+    assert "(a memory of 4096: CSM-1B was trained on 2048)" in out.stdout  # /context says so, once
     assert "warning" not in out.stdout + out.stderr  # --save-dir: no device wanted, none missed
     files = sorted((tmp_path / "replies").glob("*.wav"))
     assert len(files) == 2 and all(soundfile.info(str(f)).samplerate == 24000 for f in files)

@@ -125,4 +125,4 @@ def test_context_mentions_the_trained_length_only_beyond_it(tiny_engine, max_seq
     show_context(ctx, "")  # what /context runs on the turn worker
     shown = buffer.getvalue()
     assert "positions used" in shown
-    assert ("trained on 2048 positions" in shown) == noted
+    assert ("CSM-1B was trained on 2048" in shown) == noted

@@ -60,7 +60,7 @@ def _turn(engine: Engine, seq: int, frames: int) -> Turn:
 
 
 def test_fit_drops_the_oldest_turns_exactly_to_the_budget(engine: Engine) -> None:
-    ctx = Context(400, engine.segment_positions)
+    ctx = Context(400, engine.segment_positions, prune_to=1.0)  # no slack: just enough
     ctx.pin(Voice("v", 0, "reference words", _codes(100)), reserve=50)
     ref = ctx.reference_positions()
     assert ref == engine.text_positions(0, "reference words") + 101  # text + frames + end frame
@@ -75,6 +75,45 @@ def test_fit_drops_the_oldest_turns_exactly_to_the_budget(engine: Engine) -> Non
     assert [t.seq for t in dropped] == list(range(1, len(dropped) + 1))  # oldest first
     assert [t.seq for t in ctx.turns] == list(range(len(dropped) + 1, 9))
     assert ctx.segments()[0].text == "reference words"  # the reference stays
+
+
+def test_an_overflow_prunes_down_to_the_low_water_mark_then_turns_accumulate(engine: Engine) -> None:
+    """With slack (prune_to 0.6) one overflow drops a batch of turns, so the next turns fit as they are."""
+    ctx = Context(400, engine.segment_positions, prune_to=0.6)
+    ctx.pin(Voice("v", 0, "reference words", _codes(100)), reserve=50)
+    text = engine.text_positions(0, "next")
+    budget = 400 - 50 - text
+    room = budget - ctx.reference_positions()  # what turns may use
+    seq, prunes, fits_without_prune = 0, 0, 0
+    for _ in range(40):
+        seq += 1
+        dropped = ctx.fit(50, text)
+        if dropped:
+            prunes += 1
+            turns = ctx.used() - ctx.reference_positions()
+            assert turns <= int(0.6 * room)  # down to the low-water mark ...
+            assert turns + dropped[-1].positions > int(0.6 * room)  # ... and not a turn further
+            assert [t.seq for t in ctx.turns] == list(range(dropped[-1].seq + 1, seq))  # oldest went first
+        else:
+            fits_without_prune += 1
+        assert ctx.used() <= budget
+        assert ctx.segments()[0].text == "reference words"
+        ctx.append(_turn(engine, seq, 20))
+    # 20-frame turns (~26 positions) in a room of ~220: a prune every 3-4 turns, never two in a row.
+    assert 5 <= prunes <= 14 and fits_without_prune >= 2 * prunes
+
+
+def test_prune_to_one_prunes_on_every_turn_once_full(engine: Engine) -> None:
+    """The old behaviour (prune_to 1.0): once full, every turn drops one turn (and shifts the rest)."""
+    ctx = Context(400, engine.segment_positions, prune_to=1.0)
+    ctx.pin(Voice("v", 0, "reference words", _codes(100)), reserve=50)
+    text = engine.text_positions(0, "next")
+    drops = []
+    for seq in range(1, 41):
+        drops.append(len(ctx.fit(50, text)))
+        ctx.append(_turn(engine, seq, 20))
+    first = drops.index(1)
+    assert drops[first:] == [1] * (40 - first)
 
 
 def test_a_full_budget_fits_and_one_more_position_prunes(engine: Engine) -> None:

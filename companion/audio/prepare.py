@@ -180,23 +180,35 @@ _vad_lock = threading.Lock()
 _vad_model: Any = None
 
 
+def _silero() -> Any:
+    """The silero_vad package. Importing it sets torch's global CPU thread count to 1 (a side effect
+    of its model module): the count the command chose is put back, so preparing a reference never
+    changes how fast the model runs afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        import silero_vad
+    finally:
+        torch.set_num_threads(threads)
+    return silero_vad
+
+
 def _vad() -> Any:
     """silero-vad's model (shipped in its wheel), loaded once on first use."""
     global _vad_model
     if _vad_model is None:
-        from silero_vad import load_silero_vad
-
         with warnings.catch_warnings():  # its loader uses deprecated importlib/torch.jit calls
             warnings.simplefilter("ignore", DeprecationWarning)
-            _vad_model = load_silero_vad()
+            _vad_model = _silero().load_silero_vad()
     return _vad_model
 
 
 def detect_speech(audio: np.ndarray) -> list[tuple[int, int]]:
     """Speech regions of 24 kHz ``audio`` as (start, end) sample indices at 24 kHz."""
     import torch
-    from silero_vad import get_speech_timestamps
 
+    get_speech_timestamps = _silero().get_speech_timestamps
     peak = float(np.abs(audio).max())
     if peak == 0.0:
         return []

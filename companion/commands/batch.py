@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from companion.commands.common import add_model_arguments, settings_from_args
+from companion.commands.common import add_model_arguments, open_engine, settings_from_args
 from companion.errors import CompanionError
 from companion.textfile import read_text_file
 
@@ -51,30 +51,26 @@ def read_script_file(path: Path) -> list[str]:
     return lines
 
 
-def load_engine(settings: Settings) -> Engine:
-    from companion.config import resolve_model_path
-    from companion.engine import Engine
-
-    m = settings.model
-    return Engine.load(resolve_model_path(m.id), revision=m.revision, device=m.device, dtype=m.dtype,
-                       max_seq_len=settings.context.max_seq_len)
-
-
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from companion.commands.chat import check_before_loading
-    from companion.session import Session
-    from companion.session.script import is_clear
-    from companion.store import Store
-    from companion.voices import VoiceStore
 
     lines = read_script_file(args.script)
     settings = settings_from_args(args, {"voice": args.voice, "generation": {"seed": args.seed}})
     check_before_loading(settings)
     _check_output(args.output)
-    engine = load_engine(settings)
+    with open_engine(settings) as engine:
+        return _render_script(engine, settings, lines, args)
+
+
+def _render_script(engine: Engine, settings: Settings, lines: list[str], args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from companion.session import Session
+    from companion.session.script import is_clear
+    from companion.store import Store
+    from companion.voices import VoiceStore
+
     store = None if args.no_history else Store()
     session = Session(engine, settings, store, VoiceStore())
     if settings.voice:

@@ -8,14 +8,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from companion.commands.common import add_model_arguments, settings_from_args
+from companion.commands.common import add_model_arguments, check_memory, settings_from_args, torch_threads
+from companion.config import Settings
 from companion.errors import CompanionError, UsageError
 
 HELP = "measure generation speed against transformers' generate and the hardware floor"
 DESCRIPTION = (
     "Measure, in one run on the same weights, dtype and prompt: transformers' generate (the baseline), "
     "companion's engine (speed, time to first audio, prefill with a cached 10 s and 2-minute reference, "
-    "Mimi decode, memory) and the hardware floor (weight bytes per frame / measured bandwidth)."
+    "Mimi decode, memory) and the hardware floor (weight bytes per frame / measured bandwidth). "
+    "With --conversation N, instead: a scripted N-turn conversation with a 2-minute reference that "
+    "overflows the context (positions prefilled per turn, context prunes, first-audio latency), once "
+    "pruning one turn at a time and once as configured (context.prune_to)."
 )
 
 
@@ -28,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     g.add_argument("--frames", type=int, default=16, metavar="N", help="frames per speed measurement (default 16)")
     g.add_argument("--repeats", type=int, default=3, metavar="N", help="runs per latency measurement (default 3)")
-    g.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--conversation", type=int, metavar="N",
+                   help="measure a scripted N-turn conversation through the session instead (prefill, prunes, first audio)")
     g.add_argument("--json", type=Path, metavar="FILE", help="also write the results to FILE as JSON")
 
 
@@ -37,17 +42,17 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--model and --random-weights exclude each other: pick one")
     if args.frames < 2 or args.repeats < 1:
         raise UsageError("--frames must be at least 2 and --repeats at least 1")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError("--threads must be at least 1")
-    import torch
-
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(args.threads or threads)
-        results = _measure(args)
-    finally:
-        torch.set_num_threads(threads)
-    _print_table(results)
+    if args.conversation is not None and args.conversation < 1:
+        raise UsageError("--conversation must be at least 1 turn")
+    settings = settings_from_args(args)
+    if not args.random_weights:
+        check_memory(settings)
+    with torch_threads(settings.engine.threads):
+        results = _measure(args, settings)
+    if args.conversation:
+        _print_conversation(results)
+    else:
+        _print_table(results)
     if args.json:
         try:
             args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
@@ -56,25 +61,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _measure(args: argparse.Namespace) -> dict[str, Any]:
-    """Load the model (or build random weights) and run every measurement."""
+def _measure(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """Load the model (or build random weights) and run every measurement (or the conversation)."""
     from companion.engine import bench
     from companion.engine.loading import select_device, select_dtype
 
-    settings = settings_from_args(args)
     device = select_device(settings.model.device)
     dtype = select_dtype(settings.model.dtype, device)
     opts = bench.BenchOptions(frames=args.frames, repeats=args.repeats)
+    max_seq_len = settings.context.max_seq_len
     with tempfile.TemporaryDirectory(prefix="companion-bench-") as work:
         _log(f"loading {args.random_weights or settings.model.id} on {device.type} ({dtype})")
         if args.random_weights:
-            engine, label = bench.random_engine(args.random_weights, device, dtype, work)
+            engine, label = bench.random_engine(args.random_weights, device, dtype, work, max_seq_len)
         else:
             from companion.engine import Engine
 
             engine = Engine.load(settings.model.id, revision=settings.model.revision, device=device.type,
-                                 dtype=str(dtype).removeprefix("torch."))  # fmt: skip
+                                 dtype=str(dtype).removeprefix("torch."), max_seq_len=max_seq_len)  # fmt: skip
             label = engine.model_key
+        if args.conversation:
+            from companion.session.bench import ConversationOptions, run_conversations
+
+            conversation = run_conversations(engine, settings, ConversationOptions(turns=args.conversation), _log)
+            return bench.finite({
+                "conversation": conversation, "device": str(engine.device),
+                "dtype": str(engine.dtype).removeprefix("torch."), "model": label, "machine": bench.machine(engine.device),
+            })  # fmt: skip
         return bench.finite(bench.run_bench(engine, label, opts, _log))
 
 
@@ -120,3 +133,39 @@ def _print_table(r: dict[str, Any]) -> None:
     for name, value in rows:
         table.add_row(name, value)
     Console().print(table)
+
+
+def _print_conversation(r: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from companion.session.bench import PREFILL_GOAL, goal_met
+
+    c = r["conversation"]
+    b = c["baseline"]
+    table = Table(title=(
+        f"companion bench --conversation: {r['model']} on {r['device']} ({r['dtype']}), {c['turns']} turns, "
+        f"{c['reference_seconds']:.0f} s reference, max_seq_len {c['max_seq_len']}"
+    ))
+    table.add_column("measure")
+    table.add_column("one turn at a time", justify="right")
+    table.add_column(f"prune to {c['prune_to']:g}", justify="right")
+    rows = [
+        ("prunes (turns dropped)", f"{b['prunes']} ({b['turns_dropped']})", f"{c['prunes']} ({c['turns_dropped']})"),
+        ("prefill positions per turn, mean", _fmt(b["prefill_positions_mean"]), _fmt(c["prefill_positions_mean"])),
+        ("  as a share of max_seq_len", f"{b['prefill_mean_over_max_seq_len']:.1%}", f"{c['prefill_mean_over_max_seq_len']:.1%}"),
+        ("prefill positions per turn, max", _fmt(b["prefill_positions_max"]), _fmt(c["prefill_positions_max"])),
+        ("first audio p50", _fmt(b["first_audio_ms_p50"], " ms"), _fmt(c["first_audio_ms_p50"], " ms")),
+        ("first audio p95", _fmt(b["first_audio_ms_p95"], " ms"), _fmt(c["first_audio_ms_p95"], " ms")),
+        ("reference in every prompt", _yes(b["reference_in_every_prompt"]), _yes(c["reference_in_every_prompt"])),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    console = Console()
+    console.print(table)
+    met = "met" if goal_met(c) else "NOT met"
+    console.print(f"goal (pruned, mean prefill <= {PREFILL_GOAL:.0%} of max_seq_len): {met}", highlight=False)
+
+
+def _yes(value: bool) -> str:
+    return "yes" if value else "NO"

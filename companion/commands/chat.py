@@ -148,8 +148,7 @@ def _check_resume(resume: str) -> None:
 def load_session(settings: Settings, console: Console, *, resume: str | None = None,
                  history: bool = True) -> Iterator[Session]:
     """Load the model (with a progress line), then a new session or the resumed one, with its voice."""
-    from companion.config import resolve_model_path
-    from companion.engine import Engine
+    from companion.commands.common import open_engine
     from companion.session import Session
     from companion.store import Store
     from companion.voices import VoiceStore
@@ -157,13 +156,12 @@ def load_session(settings: Settings, console: Console, *, resume: str | None = N
     check_before_loading(settings, resume if history else None)
     m = settings.model
     start = time.monotonic()
-    with console.status(f"loading {m.id} …", spinner="dots"):
-        engine = Engine.load(resolve_model_path(m.id), revision=m.revision, device=m.device, dtype=m.dtype,
-                             max_seq_len=settings.context.max_seq_len)
-    console.print(f"[green]✓[/] model {m.id} loaded in {time.monotonic() - start:.1f} s", highlight=False)
-    store = Store(get_paths().history_db) if history else None
-    voices = VoiceStore()
-    try:
+    with ExitStack() as stack:
+        with console.status(f"loading {m.id} …", spinner="dots"):
+            engine = stack.enter_context(open_engine(settings))
+        console.print(f"[green]✓[/] model {m.id} loaded in {time.monotonic() - start:.1f} s", highlight=False)
+        store = stack.enter_context(Store(get_paths().history_db)) if history else None
+        voices = VoiceStore()
         if resume is not None and store is not None:
             session = Session.resume(engine, settings, store, _resume_id(resume), voices)
             console.print(f"resumed conversation {session.session_id}", highlight=False)
@@ -175,9 +173,6 @@ def load_session(settings: Settings, console: Console, *, resume: str | None = N
         elif resume is None:
             console.print(_default_voice_line(voices), highlight=False)
         yield session
-    finally:
-        if store is not None:
-            store.close()
 
 
 def _default_voice_line(voices: VoiceStore) -> str:

@@ -1,31 +1,97 @@
-"""Arguments shared by several subcommands, and turning them into settings."""
+"""What every command that loads the model shares: its arguments, the settings they make, the CPU
+threads, the memory check and the loading itself."""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 from companion.config import Settings, load_settings
+from companion.errors import CompanionError, UsageError
+
+if TYPE_CHECKING:
+    from companion.engine import Engine
+    from companion.engine.memory import MemoryEstimate
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model/--revision/--device/--dtype, for every command that loads the model."""
+    """--model/--revision/--device/--dtype/--threads, for every command that loads the model."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", metavar="ID|DIR", help="hub id or local directory (default: COMPANION_MODEL, then config, then sesame/csm-1b)")
     g.add_argument("--revision", help="hub branch, tag or commit")
     g.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], help="where to run (default auto: cuda > mps > cpu)")
     g.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="weights dtype (default auto: bf16 on CUDA, fp32 elsewhere)")
+    g.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for the model (default: engine.threads in config, else torch's own choice)")
 
 
 def settings_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Settings:
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise UsageError("--threads must be at least 1")
     overrides: dict[str, Any] = {
         "model": {
             "id": getattr(args, "model", None),
             "revision": getattr(args, "revision", None),
             "device": getattr(args, "device", None),
             "dtype": getattr(args, "dtype", None),
-        }
+        },
+        "engine": {"threads": threads},
     }
     if extra:
         overrides.update(extra)
     return load_settings(overrides=overrides)
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[int]:
+    """Run the model with ``threads`` CPU threads (None: torch's own choice), set once here for the
+    whole command; the count before comes back afterwards. Yields the count in use."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def memory_estimate(settings: Settings) -> tuple[MemoryEstimate, int, str]:
+    """What the model with ``context.max_seq_len`` needs on its device, what is there, and what that is."""
+    from companion.config import resolve_model_path
+    from companion.engine.loading import select_device, select_dtype
+    from companion.engine.memory import available_memory, estimate
+
+    m = settings.model
+    device = select_device(m.device)
+    dtype_bytes = select_dtype(m.dtype, device).itemsize
+    est = estimate(resolve_model_path(m.id), m.revision, settings.context.max_seq_len, dtype_bytes)
+    available, what = available_memory(device.type)
+    return est, available, what
+
+
+def check_memory(settings: Settings) -> None:
+    """One line and no model work when ``context.max_seq_len`` cannot fit in memory beside the weights."""
+    from companion.engine.memory import fits, too_big_message
+
+    est, available, what = memory_estimate(settings)
+    if not fits(est, available):
+        raise CompanionError(too_big_message(est, available, what))
+
+
+@contextmanager
+def open_engine(settings: Settings) -> Iterator[Engine]:
+    """The engine of ``settings``: the memory checked first, then loaded and run with the configured
+    CPU threads (restored when the block ends)."""
+    from companion.config import resolve_model_path
+    from companion.engine import Engine
+
+    check_memory(settings)
+    m = settings.model
+    with torch_threads(settings.engine.threads):
+        yield Engine.load(resolve_model_path(m.id), revision=m.revision, device=m.device, dtype=m.dtype,
+                          max_seq_len=settings.context.max_seq_len)

@@ -72,11 +72,13 @@ def run_checks(paths: Paths) -> list[Check]:
         _guard("torch", _torch_check),
         _guard("transformers", _transformers_check),
         _guard("device", lambda: _device_check(settings)),
+        _guard("threads", lambda: _threads_check(settings)),
         *_audio_checks(),
         config_check,
         _dir_check("data dir", paths.data_dir),
         _dir_check("cache dir", paths.cache_dir),
         _guard("model", lambda: _model_check(settings)),
+        _guard("context", lambda: _context_check(settings, config_check)),
         *_voices_checks(paths),
         _llm_check(settings),
     ]
@@ -96,7 +98,35 @@ def _guard(name: str, check: Callable[[], Check]) -> Check:
 def _torch_check() -> Check:
     import torch
 
-    return Check("torch", OK, f"{torch.__version__} ({torch.get_num_threads()} CPU threads)")
+    return Check("torch", OK, torch.__version__)
+
+
+def _threads_check(settings: Settings) -> Check:
+    import torch
+
+    configured = settings.engine.threads
+    if configured is None:
+        return Check("threads", OK, f"{torch.get_num_threads()} CPU threads (torch's own choice; engine.threads or --threads to set)")
+    return Check("threads", OK, f"{configured} CPU threads (engine.threads; torch's own choice here: {torch.get_num_threads()})")
+
+
+def _context_check(settings: Settings, config_check: Check) -> Check:
+    """context.max_seq_len against the memory the model and its context need (estimated, nothing loaded)."""
+    from companion.commands.common import memory_estimate
+    from companion.engine.memory import fits, gib, too_big_message
+
+    if config_check.status == FAIL:
+        return Check("context", WARN, "not checked: the config is invalid (see the config row)")
+    try:
+        est, available, what = memory_estimate(settings)
+    except CompanionError as err:  # e.g. a device that is not there: its own row says so
+        return Check("context", WARN, f"not checked: {err}")
+    if not fits(est, available):
+        return Check("context", FAIL, too_big_message(est, available, what))
+    n = settings.context.max_seq_len
+    beyond = "; CSM-1B was trained on 2048" if n > 2048 else ""
+    return Check("context", OK, f"{n} positions{beyond}: about {gib(est.total)} with the weights "
+                                f"(context {gib(est.context)}), {gib(available)} {what}")
 
 
 def _transformers_check() -> Check:

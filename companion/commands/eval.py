@@ -94,7 +94,7 @@ def _voice(args: argparse.Namespace) -> int:
 
 
 def _session(args: argparse.Namespace) -> int:
-    from companion.commands.batch import load_engine
+    from companion.commands.common import open_engine
     from companion.eval.conversation import drift, references, score_turns
     from companion.paths import get_paths
     from companion.store import Store
@@ -116,16 +116,16 @@ def _session(args: argparse.Namespace) -> int:
     if not turns:
         raise CompanionError(f"conversation {args.id} has no turns to measure")
     settings = settings_from_args(args)
-    engine = load_engine(settings)
-    if turns[0].codes.shape[0] != engine.num_codebooks:
-        raise CompanionError(
-            f"conversation {args.id} has {turns[0].codes.shape[0]} codebooks but model {settings.model.id} has "
-            f"{engine.num_codebooks}: measure it with the model it was made with ({record.model_key})"
-        )
-    names = list(dict.fromkeys(t.voice for t in turns))
-    refs = references(names, stored, engine.decode, engine.sample_rate, override)
-    with _progress(len(turns), quiet=args.json) as step:
-        rows = score_turns(turns, refs, engine.decode, engine.sample_rate, step)
+    with open_engine(settings) as engine:
+        if turns[0].codes.shape[0] != engine.num_codebooks:
+            raise CompanionError(
+                f"conversation {args.id} has {turns[0].codes.shape[0]} codebooks but model {settings.model.id} has "
+                f"{engine.num_codebooks}: measure it with the model it was made with ({record.model_key})"
+            )
+        names = list(dict.fromkeys(t.voice for t in turns))
+        refs = references(names, stored, engine.decode, engine.sample_rate, override)
+        with _progress(len(turns), quiet=args.json) as step:
+            rows = score_turns(turns, refs, engine.decode, engine.sample_rate, step)
     drifts = drift(rows, refs)
     if args.plot is not None:
         from companion.eval.plot import write_plot

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -95,8 +95,8 @@ def _show(store: Store, session_id: int) -> int:
 
 def _export(store: Store, args: argparse.Namespace) -> int:
     from companion.audio.io import write_wav
-    from companion.commands.batch import load_engine
     from companion.commands.chat import check_output_file
+    from companion.commands.common import open_engine
 
     check_output_file(args.file, "export")
     record = store.session(args.id)
@@ -109,14 +109,22 @@ def _export(store: Store, args: argparse.Namespace) -> int:
         if args.revision is None and version and not Path(recorded).is_absolute():
             args.revision = version
     settings = settings_from_args(args)
-    engine = load_engine(settings)
+    with open_engine(settings) as engine:
+        audio = _decode_turns(engine, record, turns, settings, args.id)
+    write_wav(args.file, audio, engine.sample_rate)
+    print(f"wrote {args.file} ({len(audio) / engine.sample_rate:.1f} s, {len(turns)} turns)")
+    return 0
+
+
+def _decode_turns(engine: Any, record: Any, turns: list[Any], settings: Any, session_id: int) -> np.ndarray:
+    """Every turn decoded, with gaps between them, watermarked when the settings say so."""
     if turns[0].codes.shape[0] != engine.num_codebooks:
         raise CompanionError(
-            f"conversation {args.id} has {turns[0].codes.shape[0]} codebooks but model {settings.model.id} has "
+            f"conversation {session_id} has {turns[0].codes.shape[0]} codebooks but model {settings.model.id} has "
             f"{engine.num_codebooks}: export it with the model it was made with ({record.model_key})"
         )
     if record.model_key != engine.model_key:
-        print(f"warning: conversation {args.id} was made with {record.model_key}; decoding with {engine.model_key}",
+        print(f"warning: conversation {session_id} was made with {record.model_key}; decoding with {engine.model_key}",
               file=sys.stderr)
     gap = np.zeros(int(GAP_SECONDS * engine.sample_rate), dtype=np.float32)
     pieces: list[np.ndarray] = []
@@ -128,6 +136,4 @@ def _export(store: Store, args: argparse.Namespace) -> int:
         from companion.watermark import embed
 
         audio = embed(audio, engine.sample_rate, settings.watermark.key)
-    write_wav(args.file, audio, engine.sample_rate)
-    print(f"wrote {args.file} ({len(audio) / engine.sample_rate:.1f} s, {len(turns)} turns)")
-    return 0
+    return audio

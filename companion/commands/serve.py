@@ -10,7 +10,7 @@ import signal
 import sys
 from typing import Any
 
-from companion.commands.common import add_model_arguments, settings_from_args
+from companion.commands.common import add_model_arguments, check_memory, settings_from_args, torch_threads
 from companion.config import Settings
 from companion.errors import CompanionError, UsageError
 
@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     host, port = settings.serve.host, settings.serve.port
     api_key = _api_key(settings, host)
+    check_memory(settings)  # a context the memory cannot hold fails now, before the model loads
     try:
         import uvicorn
 
@@ -67,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     # that one a no-op so that a stop by SIGTERM (systemd's) ends with "stopped" and exit code 0.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
-        server.run()
+        with torch_threads(settings.engine.threads):
+            server.run()
     except SystemExit:  # uvicorn exits when it cannot listen (after logging why)
         server.started = False
     finally:

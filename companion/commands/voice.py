@@ -181,18 +181,16 @@ def _show(args: argparse.Namespace, console: Console) -> int:
 
 
 def _encode(args: argparse.Namespace, console: Console) -> int:
-    from companion.engine import Engine
+    from companion.commands.common import open_engine
     from companion.refcache import ReferenceCache
     from companion.voices import load_voice
 
     settings = settings_from_args(args)
     profile = VoiceStore().get(args.name)
-    m = settings.model
-    engine = Engine.load(m.id, revision=m.revision, device=m.device, dtype=m.dtype)
-    cache = ReferenceCache()
-    start = time.perf_counter()
-    voice = load_voice(profile, engine, settings.reference, cache)
-    seconds = time.perf_counter() - start
+    with open_engine(settings) as engine:
+        start = time.perf_counter()
+        voice = load_voice(profile, engine, settings.reference, ReferenceCache())
+        seconds = time.perf_counter() - start
     if voice.codes is None:
         console.print(f"{profile.name}: no reference audio yet: nothing to encode")
         return 0

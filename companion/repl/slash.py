@@ -67,15 +67,16 @@ def clear(ctx: ChatContext, arg: str) -> None:
     ctx.ui.success("context cleared: only the voice reference is kept")
 
 
-TRAINED_POSITIONS = 2048  # CSM-1B's training context
+TRAINED_POSITIONS = 2048  # the context length CSM-1B was trained on
 
 
 def show_context(ctx: ChatContext, arg: str) -> None:
     rows = [[row.what, str(row.positions), "pinned" if row.pinned else ""] for row in ctx.session.context_report()]
     title = f"Context: {ctx.session.context_used()} of {ctx.session.context_budget()} positions used"
+    size = ctx.session.engine.max_seq_len
+    if size > TRAINED_POSITIONS:
+        title += f" (a memory of {size}: CSM-1B was trained on {TRAINED_POSITIONS})"
     ctx.ui.table(title, ["what", "positions", ""], rows)
-    if ctx.session.engine.max_seq_len > TRAINED_POSITIONS:
-        ctx.ui.info(f"CSM-1B was trained on {TRAINED_POSITIONS} positions: beyond that, the voice may drift")
 
 
 def save(ctx: ChatContext, arg: str) -> None:

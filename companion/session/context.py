@@ -5,8 +5,11 @@ counted in model positions with the engine's own tokenizer and frame counts (``s
 
     budget = max_seq_len - reserve (frames the next segment may generate) - positions of the new text
 
-Before a segment, the oldest turns are dropped until references + turns <= budget. References are
-never dropped: a reference that cannot fit is refused when its voice is added.
+When references + turns exceed the budget before a segment, the oldest turns are dropped with slack:
+down to ``prune_to`` of what turns may use (``budget - references``), not just below the budget. Every
+turn dropped shifts the positions of all turns after it, so the engine must prefill them again; dropping
+a batch at once makes that full re-prefill happen once every several turns instead of every turn.
+References are never dropped: a reference that cannot fit is refused when its voice is added.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from companion.errors import CompanionError
 from companion.refbudget import MIN_TEXT_POSITIONS, longest_reference_seconds
 
 __all__ = ["MIN_TEXT_POSITIONS", "Context", "ContextRow", "TextTooLong", "Turn", "Voice"]
+# When the context overflows, turns are pruned down to this share of what they may use (config
+# ``context.prune_to``; 1.0 prunes just enough, as before: a full re-prefill on every later turn).
+DEFAULT_PRUNE_TO = 0.6
 
 
 @dataclass
@@ -70,8 +76,10 @@ class ContextRow:
 class Context:
     """Voices (with their pinned references) and turns, measured in positions."""
 
-    def __init__(self, max_seq_len: int, positions: Callable[[Segment], int], frame_rate: float = 12.5) -> None:
+    def __init__(self, max_seq_len: int, positions: Callable[[Segment], int], frame_rate: float = 12.5,
+                 prune_to: float = DEFAULT_PRUNE_TO) -> None:
         self.max_seq_len = max_seq_len
+        self.prune_to = prune_to
         self.positions = positions
         self.frame_rate = frame_rate
         self.voices: dict[str, Voice] = {}
@@ -128,11 +136,15 @@ class Context:
         return self.reference_positions() + sum(t.positions for t in self.turns)
 
     def overflow(self, reserve: int) -> int:
-        """How many of the oldest turns the next reply drops whatever its text: they no longer fit
-        beside the references and the ``reserve`` frames (a reply just kept may push them out)."""
+        """How many of the oldest turns the next reply drops whatever its text: when references + turns
+        no longer fit beside the ``reserve`` frames (a reply just kept may push them out), the oldest go
+        down to the low-water mark, as ``fit`` does."""
         used, budget, dropped = self.used(), self.max_seq_len - reserve, 0
+        if used <= budget:
+            return 0
+        target = self.low_water(budget)
         for turn in self.turns:
-            if used <= budget:
+            if used <= target:
                 break
             used -= turn.positions
             dropped += 1
@@ -146,17 +158,27 @@ class Context:
     def budget(self, reserve: int, text_positions: int) -> int:
         return self.max_seq_len - reserve - text_positions
 
+    def low_water(self, budget: int) -> int:
+        """What references + turns may hold right after a prune: the references and ``prune_to`` of
+        the positions left to turns."""
+        refs = self.reference_positions()
+        return refs + int(self.prune_to * max(0, budget - refs))
+
     def fit(self, reserve: int, text_positions: int) -> list[Turn]:
-        """Drop the oldest turns until the prompt fits; returns the dropped turns.
+        """When the prompt does not fit, drop the oldest turns down to the low-water mark; returns the
+        dropped turns (none when it fits).
 
         Raises CompanionError when the references and the text alone do not fit (the caller splits the text).
         """
         budget = self.budget(reserve, text_positions)
         if self.reference_positions() > budget:
             raise TextTooLong(self.reference_positions() + text_positions + reserve, self.max_seq_len)
-        dropped = []
+        dropped: list[Turn] = []
         used = self.used()
-        while used > budget:
+        if used <= budget:
+            return dropped
+        target = self.low_water(budget)
+        while used > target:
             turn = self.turns.popleft()
             used -= turn.positions
             dropped.append(turn)

@@ -2,8 +2,9 @@
 
 Speaking a line: ``$CLEAR$`` clears; otherwise the line is split into parts (``name: text``,
 ``a || b``), each part is normalized and segmented (companion.text), and each segment is generated
-in order: prune the oldest turns until the prompt fits, stream the audio, then keep the segment as a
-turn (in memory and, in one transaction, in the history database). A cancelled segment is neither
+in order: when the prompt does not fit, prune the oldest turns with slack (``context.prune_to``),
+stream the audio, then keep the segment as a turn (in memory and, in one transaction, in the history
+database). A cancelled segment is neither
 kept nor stored, and the turns pruned for it come back.
 
 A voice without reference audio gets one: its first segment is generated with no context and a fixed
@@ -47,7 +48,8 @@ class Session:
         self.store = store
         self.voice_store = voices  # companion.voices.VoiceStore, or None (voices added with add_voice only)
         self._cache = cache
-        self.context = Context(engine.max_seq_len, engine.segment_positions, engine.frame_rate)
+        self.context = Context(engine.max_seq_len, engine.segment_positions, engine.frame_rate,
+                               settings.context.prune_to)
         self.active: str | None = None
         self.session_id: int | None = None
         self.overrides: dict[str, Any] = {}  # temperature/topk/seed set during the session (win over all)
