@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Sequence
 
 from rich.console import Console
@@ -38,6 +39,23 @@ class RichPrinter:
     def __init__(self, console: Console, errors: Console | None = None) -> None:
         self.console = console
         self.errors = errors or console
+        self._replying = False  # an LLM reply's text is being shown
+        self._lock = threading.Lock()
+
+    def reply_text(self, piece: str) -> None:
+        """Show a piece of the LLM's reply as it arrives (called from the thread reading it)."""
+        with self._lock:
+            if not self._replying:
+                self._replying = True
+                self.console.print(Text("companion: ", style="bold magenta"), end="")
+            self.console.print(Text(piece), end="")
+            self.console.file.flush()
+
+    def reply_end(self) -> None:
+        with self._lock:
+            if self._replying:
+                self._replying = False
+                self.console.print()
 
     def info(self, text: str) -> None:
         self.console.print(Text(text, style="cyan"))
