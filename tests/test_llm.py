@@ -78,7 +78,7 @@ class Handler(BaseHTTPRequestHandler):
             pieces = [f"You said: {body['messages'][-1]['content']}"]
         elif model == "memory":  # what it was sent, so a test can see the conversation it remembers
             pieces = [f"I have {len(body['messages'])} messages."]
-        elif model in ("paced", "die", "bad-middle"):
+        elif model in ("paced", "die", "bad-middle", "endless"):
             pieces = ["The first", " sentence is here.", " Then the", " second one.", " And the last one."]
         else:
             pieces = ["Hello", " there", ", friend."]
@@ -87,6 +87,12 @@ class Handler(BaseHTTPRequestHandler):
         for i, piece in enumerate(pieces):
             if model == "paced" and i in (2, 4):  # after each sentence: wait until the test releases it
                 self.server.wait()
+            if model == "endless" and i == 2:  # after the first sentence: on release, more than anyone reads
+                self.server.wait()
+                yield f"data: {json.dumps({'choices': [{'delta': {'content': ' Then the'}}]})}\n\n"
+                for _ in range(100_000):  # until a write fails: the client hung up (~100 MB at most)
+                    yield ": " + "x" * 1000 + "\n\n"
+                return
             if model == "die" and i == 2:
                 return
             if model == "bad-middle" and i == 2:
@@ -182,13 +188,12 @@ def test_streams_pieces_and_sends_the_key(server: FakeOpenAI, caplog: pytest.Log
 
 
 def test_pieces_arrive_before_the_stream_ends(server: FakeOpenAI) -> None:
-    stream = _client(server, model="paced").reply([{"role": "user", "content": "hi"}])
+    stream = _client(server, model="endless").reply([{"role": "user", "content": "hi"}])
     assert next(stream) + next(stream) == "The first sentence is here."
-    assert not any("second" in event for event in server.sent)  # the server holds the rest
+    assert not any("Then" in event for event in server.sent)  # the server holds the rest
     server.release()
     assert next(stream) == " Then the"
-    stream.close()  # an interrupted reply: the client hangs up
-    server.release()
+    stream.close()  # an interrupted reply: the client hangs up, and the server's next writes fail
     assert _eventually(lambda: server.hangups == 1)
 
 

@@ -2,11 +2,12 @@
 
 ``SentenceSplitter.feed(piece)`` returns the sentences the new text completed; ``flush()`` returns the
 rest at the end of the stream. A sentence ends at ``. ! ?`` (or ``…``, closing quotes and brackets
-after it) once the whitespace after it has arrived, so "3.5" and "e.g. this" are not cut; a line break
-ends one too. A long sentence is cut earlier at a clause mark (``, ; :`` or a dash) once at least
+after it); "3.5", "Dr. Smith" and "e.g. this" are not cut, and a period after a digit waits for the
+next piece to tell "3." from "3.5". A line break ends a sentence too. A long sentence is cut earlier at a clause mark (``, ; :`` or a dash) once at least
 ``min_clause_chars`` have arrived, so speech can start, and at the last space before ``max_chars`` when
-there is no mark at all. The cuts depend only on the text, never on how it was split into pieces;
-joining the sentences with spaces gives back the text's words.
+there is no mark at all. The cuts depend on the text, not on how it was split into pieces (a closing quote arriving just
+after its sentence was handed over starts the next one); joining the sentences with spaces gives
+back the text's words.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import re
 from companion.text.normalize import TITLES
 
 # A sentence end: terminal punctuation, closing quotes/brackets, then whitespace; or a line break.
-_SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)\]]*(?=\s)|\n")
+_SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)\]]*(?=\s|$)|\n")
 _CLAUSE_END = re.compile(r"[,;:]+(?=\s)|\s[—–-](?=\s)")
 # Words whose period does not end a sentence: titles ("Dr."), "e.g.", "i.e.", "vs.", single initials.
 _NO_END = {t.lower() for t in TITLES} | {"e.g.", "i.e.", "vs.", "cf.", "no.", "st."}
@@ -50,7 +51,7 @@ class SentenceSplitter:
         """Where the first complete sentence or long-enough clause in the buffer ends, if any."""
         text = self.buffer
         ends = (m.end() for m in _SENTENCE_END.finditer(text)
-                if (m.group() == "\n" or not self._abbreviation(text, m.start())) and re.search(r"\w", text[: m.end()]))
+                if (m.group() == "\n" or self._ends(text, m.start(), m.end())) and re.search(r"\w", text[: m.end()]))
         clauses = (m.end() for m in _CLAUSE_END.finditer(text) if m.start() >= self.min_clause_chars)
         cut = min(next(ends, len(text) + 1), next(clauses, len(text) + 1))
         if cut <= min(len(text), self.max_chars):
@@ -61,9 +62,12 @@ class SentenceSplitter:
         return None
 
     @staticmethod
-    def _abbreviation(text: str, at: int) -> bool:
-        """True when the period at ``at`` belongs to an abbreviation or an initial ("J.")."""
-        if text[at] != ".":
+    def _ends(text: str, at: int, end: int) -> bool:
+        """Whether the punctuation ``text[at:end]`` ends a sentence. At the end of the text so far
+        (nothing after it yet) only after a letter: "3." may become "3.5"."""
+        if end == len(text) and not (at > 0 and text[at - 1].isalpha()):
             return False
-        word = text[: at + 1].rsplit(None, 1)[-1].lstrip("\"'“‘([")
-        return word.lower() in _NO_END or bool(re.fullmatch(r"[A-Z]\.", word))
+        if text[at] != ".":
+            return True
+        word = text[: at + 1].rsplit(None, 1)[-1].lstrip("\"'“‘([")  # an abbreviation or an initial ("J.")
+        return not (word.lower() in _NO_END or re.fullmatch(r"[A-Za-z]\.", word))
