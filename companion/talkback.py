@@ -94,6 +94,7 @@ class SpokenReply:
         self._start = time.monotonic()
         self._sentences: queue.Queue[Any] = queue.Queue()
         self._stop = threading.Event()  # tells the reader to hang up
+        self._shown = threading.Lock()  # no text is shown after the reply ended (a reader still waiting)
         self._reader = threading.Thread(target=self._read, args=(messages,), name="companion-llm", daemon=True)
         self._reader.start()
         self._chunks = self._speak()
@@ -106,8 +107,11 @@ class SpokenReply:
 
     def close(self) -> None:
         """Stop now (the player stopped, or the turn was cancelled): hang up, keep what was spoken."""
-        self._stop.set()
-        self._chunks.close()
+        self._chunks.close()  # runs the end of ``_speak`` when it had started
+        with self._shown:
+            if not self._stop.is_set():  # it never started
+                self._stop.set()
+                self.talk.on_end()
 
     # ---- the reader thread: LLM pieces -> text shown, sentences queued
 
@@ -117,9 +121,10 @@ class SpokenReply:
         last: Any = _END
         try:
             for piece in pieces:
-                if self._stopped():
-                    return
-                self.talk.on_text(piece)
+                with self._shown:
+                    if self._stopped():
+                        return
+                    self.talk.on_text(piece)
                 for sentence in splitter.feed(piece):
                     self._sentences.put(_Sentence(sentence, time.monotonic()))
             for sentence in splitter.flush():
@@ -130,7 +135,6 @@ class SpokenReply:
             last = CompanionError(f"unexpected {type(err).__name__} while reading the reply: {err}")
         finally:
             getattr(pieces, "close", lambda: None)()  # hangs up when stopped early
-            self.talk.on_end()  # the text shown ends before anything else is printed
             self._sentences.put(last)
 
     def _stopped(self) -> bool:
@@ -169,7 +173,9 @@ class SpokenReply:
                 self.timing.sentences += 1
                 self._record(spoken, partial=True)
         finally:
-            self._stop.set()  # the reader hangs up at its next piece
+            with self._shown:
+                self._stop.set()  # the reader hangs up at its next piece, and shows nothing more
+                self.talk.on_end()  # the text shown ends before anything else is printed
             self.timing.partial = not complete
             if spoken:
                 self._record(spoken, partial=not complete)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
-from terminal import COMPANION
+from terminal import COMPANION, Tmux, tmux_missing
 from test_llm import KEY, KEY_ENV, serving
 
 pytestmark = pytest.mark.slow
@@ -78,3 +80,54 @@ def test_resume_restores_what_the_llm_remembers(tmp_path: Path, companion_home: 
     with sqlite3.connect(companion_home / "data" / "history.sqlite3") as db:
         rows = db.execute("SELECT user_text, reply, partial FROM exchanges ORDER BY seq").fetchall()
     assert rows == [(f"{u}.", f"You said: {u}.", 0) for u in ("Hello there", "Again", "Third", "Fourth")]
+
+
+@pytest.mark.skipif(tmux_missing() is not None, reason=str(tmux_missing()))
+def test_chat_mode_on_a_terminal(tmp_path: Path, companion_home: Path, tiny_model_dir, llm_server):
+    """The reply's text shows as it streams; a new line interrupts it (llm.new_line: interrupt), and so
+    does Ctrl-C; each reply is recorded as far as it was spoken, marked partial."""
+    (companion_home / "config").mkdir()
+    (companion_home / "config" / "config.yaml").write_text(
+        "generation:\n  max_segment_seconds: 1\n"
+        f"llm:\n  enabled: true\n  base_url: {llm_server.base_url}\n  model: endless\n  api_key_env: {KEY_ENV}\n"
+        "  new_line: interrupt\n"
+    )
+    env = dict(os.environ, PULSE_SERVER="unix:/nonexistent/native", TERM="xterm-256color", **{KEY_ENV: KEY})
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    first = "The first sentence is here."
+
+    def exchanges() -> list[tuple[str, str, int]]:
+        with sqlite3.connect(companion_home / "data" / "history.sqlite3") as db:
+            try:
+                return db.execute("SELECT user_text, reply, partial FROM exchanges ORDER BY seq").fetchall()
+            except sqlite3.OperationalError:  # not created yet
+                return []
+
+    def saved(n: int) -> None:
+        for _ in range(30000):  # a count, not a clock
+            if len(exchanges()) == n:
+                return
+            threading.Event().wait(0.01)
+        raise AssertionError(f"exchange {n} was never saved")
+
+    term = Tmux([*COMPANION, "chat", "--model", str(tiny_model_dir)], env, cwd=tmp_path)
+    try:
+        term.wait_for(r"you›", timeout=300)
+        term.wait_for(r" chat │ voice default", timeout=10)  # the toolbar shows the mode
+        term.type_line("Tell me.")
+        term.wait_for(r"companion: The first sentence is here\.", timeout=120)
+        saved(1)  # spoken; the server holds the rest of the reply
+        term.type_line("Hello.")  # interrupts the reply, and is answered
+        term.wait_for("⏹ cancelled", timeout=60)
+        saved(2)
+        term.keys("C-c")
+        term.wait_for("⏹ cancelled", timeout=60, count=2)
+        text = term.transcript()
+        term.keys("C-d")
+        assert term.exit_code(timeout=120) == 0
+    finally:
+        term.close()
+    print(text)
+    assert len(re.findall(r"companion: The first sentence is here\.", text)) == 2
+    assert exchanges() == [("Tell me.", first, 1), ("Hello.", first, 1)]
+    assert len(llm_server.requests) == 2 and KEY not in text
