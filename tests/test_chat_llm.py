@@ -75,11 +75,15 @@ def test_resume_restores_what_the_llm_remembers(tmp_path: Path, companion_home: 
     assert sent(-1) == ["sys", "Third."]  # $CLEAR$ emptied the LLM's memory too
     _chat(tmp_path, tiny_model_dir, "Fourth.\n", "--resume", "--mode", "chat")
     assert sent() == ["sys", "Third.", "You said: Third.", "Fourth."]  # the clear was saved with the session
-    speak = _chat(tmp_path, tiny_model_dir, "Just say this.\n", "--resume")  # llm.enabled is false: mode speak
-    assert len(llm_server.requests) == 4 and "companion:" not in speak.stdout
+    # llm.enabled is false: mode speak, until /mode chat
+    speak = _chat(tmp_path, tiny_model_dir, "Just say this.\n/mode\n/mode chat\nFifth.\n", "--resume")
+    assert "mode speak: what you type is spoken" in speak.stdout and "mode chat: echo at" in speak.stdout
+    assert "companion: You said: Fifth." in speak.stdout and "companion: You said: Just" not in speak.stdout
+    assert len(llm_server.requests) == 5
+    assert sent() == ["sys", "Third.", "You said: Third.", "Fourth.", "You said: Fourth.", "Fifth."]
     with sqlite3.connect(companion_home / "data" / "history.sqlite3") as db:
         rows = db.execute("SELECT user_text, reply, partial FROM exchanges ORDER BY seq").fetchall()
-    assert rows == [(f"{u}.", f"You said: {u}.", 0) for u in ("Hello there", "Again", "Third", "Fourth")]
+    assert rows == [(f"{u}.", f"You said: {u}.", 0) for u in ("Hello there", "Again", "Third", "Fourth", "Fifth")]
 
 
 @pytest.mark.skipif(tmux_missing() is not None, reason=str(tmux_missing()))
