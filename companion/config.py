@@ -69,6 +69,7 @@ class LLMSettings(Schema):
     api_key_env: str = "OPENAI_API_KEY"  # name of the variable holding the key; the key is never stored
     system_prompt: str = "You are a warm, concise voice companion. Answer in one to three spoken sentences."
     timeout_seconds: float = Field(60.0, gt=0)
+    new_line: Literal["queue", "interrupt"] = "queue"  # a line typed while a reply is spoken (chat mode)
 
 
 class ServeSettings(Schema):

@@ -1,4 +1,5 @@
-"""Conversation history in SQLite (``paths.history_db``): sessions, their pinned voices, their turns.
+"""Conversation history in SQLite (``paths.history_db``): sessions, their pinned voices, their turns,
+and the text exchanged with an LLM.
 
 The schema is versioned with ``PRAGMA user_version``; ``MIGRATIONS[i]`` takes a database from version
 ``i`` to ``i + 1`` and they run in order, each in its own transaction. The database is in WAL mode
@@ -75,6 +76,22 @@ MIGRATIONS: list[str] = [
     ALTER TABLE sessions ADD COLUMN conversation TEXT;
     CREATE UNIQUE INDEX sessions_conversation ON sessions (conversation) WHERE conversation IS NOT NULL;
     """,
+    # 3 -> 4: the text of conversations with an LLM: the user's line and the reply as spoken
+    """
+    CREATE TABLE exchanges (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        session_id  INTEGER NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+        seq         INTEGER NOT NULL,             -- 1, 2, ... within the session
+        created_at  TEXT NOT NULL,
+        updated_at  TEXT NOT NULL,
+        user_text   TEXT NOT NULL,
+        reply       TEXT NOT NULL,                -- the sentences spoken, as the LLM wrote them
+        partial     INTEGER NOT NULL DEFAULT 0,   -- 1: cut short (interrupted, or the server failed)
+        UNIQUE (session_id, seq)
+    );
+    -- the first exchange still remembered (those before were cleared by $CLEAR$)
+    ALTER TABLE sessions ADD COLUMN exchanges_start INTEGER NOT NULL DEFAULT 1
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -122,6 +139,16 @@ class TurnRecord:
     first_audio_ms: float | None = None
     rtf: float | None = None
     typed: str | None = None  # the line (or part of it) as the user typed it; ``text`` is what was spoken
+
+
+@dataclass
+class Exchange:
+    """One exchange with an LLM: the user's line and the reply as spoken (``partial``: cut short)."""
+
+    user: str
+    reply: str
+    partial: bool = False
+    seq: int = 0  # its number in the session (0: not numbered yet)
 
 
 @dataclass
@@ -235,9 +262,14 @@ class Store:
             (session_id, position, v.name, v.speaker, v.transcript, blob, k, t),
         )
 
-    def set_state(self, session_id: int, *, context_start: int | None = None, voice: str | None = None) -> None:
-        """Record a ``$CLEAR$`` (``context_start`` = the next turn) or a change of the active voice."""
+    def set_state(self, session_id: int, *, context_start: int | None = None, voice: str | None = None,
+                  exchanges_start: int | None = None) -> None:
+        """Record a ``$CLEAR$`` (``context_start`` = the next turn, ``exchanges_start`` = the next
+        exchange) or a change of the active voice."""
         with self.transaction() as db:
+            if exchanges_start is not None:
+                db.execute("UPDATE sessions SET exchanges_start = ?, updated_at = ? WHERE id = ?",
+                           (exchanges_start, now(), session_id))
             if context_start is not None:
                 db.execute("UPDATE sessions SET context_start = ?, updated_at = ? WHERE id = ?", (context_start, now(), session_id))
             if voice is not None:
@@ -314,6 +346,29 @@ class Store:
                 (session_id, from_seq),
             ).fetchall()
         return [TurnRecord(v, s, tx, blob_to_codes(b, k, t), *rest) for v, s, tx, b, k, t, *rest in rows]
+
+    # exchanges with an LLM ----------------------------------------------------------------------
+
+    def put_exchange(self, session_id: int, exchange: Exchange) -> None:
+        """Store ``exchange`` under its seq, or update it (a reply that grows sentence by sentence)."""
+        with self.transaction() as db:
+            stamp = now()
+            db.execute(
+                "INSERT INTO exchanges (session_id, seq, created_at, updated_at, user_text, reply, partial) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (session_id, seq) DO UPDATE SET "
+                "updated_at = excluded.updated_at, reply = excluded.reply, partial = excluded.partial",
+                (session_id, exchange.seq, stamp, stamp, exchange.user, exchange.reply, int(exchange.partial)),
+            )
+            db.execute("UPDATE sessions SET updated_at = ? WHERE id = ?", (stamp, session_id))
+
+    def exchanges(self, session_id: int, remembered: bool = False) -> list[Exchange]:
+        """The session's exchanges in order; ``remembered``: only those since the last ``$CLEAR$``."""
+        sql = "SELECT user_text, reply, partial, seq FROM exchanges WHERE session_id = ?"
+        if remembered:
+            sql += " AND seq >= (SELECT exchanges_start FROM sessions WHERE id = ?)"
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY seq", (session_id, session_id) if remembered else (session_id,)).fetchall()
+        return [Exchange(u, r, bool(p), int(seq)) for u, r, p, seq in rows]
 
     def integrity_check(self) -> str:
         with self._lock:

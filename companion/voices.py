@@ -54,6 +54,7 @@ class VoiceProfile(Schema):
     transcript_file: str | None = None  # ... or in a UTF-8 text file
     speaker: int = Field(0, ge=0)  # CSM speaker id
     generation: GenerationOverrides = GenerationOverrides()
+    persona: str | None = None  # the LLM's system prompt while this voice speaks (chat mode); None: llm.system_prompt
     _path: Path | None = PrivateAttr(None)  # the YAML file it came from (None: not saved yet)
 
     @field_validator("name")
@@ -75,6 +76,13 @@ class VoiceProfile(Schema):
             return [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise PydanticCustomError("audio_paths", "expected a file path or a list of file paths")
+        return value
+
+    @field_validator("persona")
+    @classmethod
+    def _persona_not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise PydanticCustomError("empty_persona", "is empty: describe who the voice is, or remove the key")
         return value
 
     @field_validator("transcript")
@@ -101,6 +109,8 @@ class VoiceProfile(Schema):
             data["transcript_file"] = self.transcript_file
         if self.generation.as_dict():
             data["generation"] = self.generation.as_dict()
+        if self.persona is not None:
+            data["persona"] = self.persona
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
 
     def check(self) -> None:

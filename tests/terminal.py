@@ -87,5 +87,5 @@ class Tmux:
         subprocess.run(["tmux", "-S", str(self.socket), "kill-server"], capture_output=True, timeout=10)
 
 
-_PASSED = {"COMPANION_HOME", "HOME", "PULSE_SERVER", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "PATH",
+_PASSED = {"COMPANION_HOME", "COMPANION_TEST_LLM_KEY", "HOME", "PULSE_SERVER", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "PATH",
            "PYTHONPATH", "TERM", "LANG", "LC_ALL"}

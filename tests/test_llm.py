@@ -1,4 +1,8 @@
-"""The LLM client against a real HTTP server on 127.0.0.1 that speaks the OpenAI streaming format."""
+"""The LLM client against a real HTTP server on 127.0.0.1 that speaks the OpenAI streaming format.
+
+The server never sleeps to pace a reply: models that pause ("paced", "stall") wait for the test to
+release them (``server.release()``), so no test depends on how fast the machine is.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ import json
 import logging
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -15,7 +18,8 @@ import pytest
 
 from companion.config import LLMSettings
 from companion.errors import CompanionError
-from companion.llm import CLEAR_TOKEN, Conversation, LLMClient
+from companion.llm import LLMClient, strip_thinking
+from companion.session.dialogue import Dialogue, Exchange
 
 KEY = "sk-test-4f9d2c-secret"
 KEY_ENV = "COMPANION_TEST_LLM_KEY"
@@ -31,7 +35,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+        self.server.requests.append({"path": self.path, "headers": {k.title(): v for k, v in self.headers.items()}, "body": body})
         if self.path == "/moved/chat/completions":
             self.send_response(307)
             self.send_header("Location", "http://127.0.0.1:9/v1/chat/completions")
@@ -47,14 +51,21 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(404, {"error": {"message": "The model `missing` does not exist"}})
         if model == "plain-json":
             return self._json(200, {"choices": [{"message": {"role": "assistant", "content": "One piece."}}]})
-        if model == "slow":
-            time.sleep(1.5)
+        if model == "stall":  # answers nothing until released (the client's timeout fires first)
+            self.server.wait()
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
-        for event in self._events(model, body):
-            self.wfile.write(event.encode())
-            self.wfile.flush()
+        try:
+            for event in self._events(model, body):
+                self.wfile.write(event.encode())
+                self.wfile.flush()
+                self.server.sent.append(event)
+        except OSError:  # the client hung up (it was interrupted)
+            self.server.hangups += 1
+            return
+        if model == "die":  # the server dies in the middle of the reply: the connection is cut
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     def _events(self, model: str, body: dict[str, Any]) -> Iterator[str]:
         if model == "bad-json":
@@ -65,14 +76,30 @@ class Handler(BaseHTTPRequestHandler):
             pieces = ["<thi", "nk>plan the answer", "</think>", "Sure", ", here it is."]
         elif model == "echo":
             pieces = [f"You said: {body['messages'][-1]['content']}"]
+        elif model == "memory":  # what it was sent, so a test can see the conversation it remembers
+            pieces = [f"I have {len(body['messages'])} messages."]
+        elif model in ("paced", "die", "bad-middle", "endless"):
+            pieces = ["The first", " sentence is here.", " Then the", " second one.", " And the last one."]
         else:
             pieces = ["Hello", " there", ", friend."]
         yield ": keep-alive\n\n"
         yield 'data: {"choices": [{"delta": {"role": "assistant"}}]}\n\n'
         for i, piece in enumerate(pieces):
-            if model == "dribble" and i == 1:
-                time.sleep(1.0)
+            if model == "paced" and i in (2, 4):  # after each sentence: wait until the test releases it
+                self.server.wait()
+            if model == "endless" and i == 2:  # after the first sentence: on release, more than anyone reads
+                self.server.wait()
+                yield f"data: {json.dumps({'choices': [{'delta': {'content': ' Then the'}}]})}\n\n"
+                for _ in range(100_000):  # until a write fails: the client hung up (~100 MB at most)
+                    yield ": " + "x" * 1000 + "\n\n"
+                return
+            if model == "die" and i == 2:
+                return
+            if model == "bad-middle" and i == 2:
+                yield 'data: {"choices": [{"delta": {"content": "Hel\n\n'
+                return
             yield f"data: {json.dumps({'choices': [{'delta': {'content': piece}}]})}\n\n"
+        yield 'data: {"choices": [{"delta": {}, "finish_reason": "stop"}]}\n\n'
         yield 'data: {"choices": [], "usage": {"total_tokens": 9}}\n\n'
         yield "data: [DONE]\n\n"
 
@@ -91,6 +118,19 @@ class FakeOpenAI(ThreadingHTTPServer):
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), Handler)
         self.requests: list[dict[str, Any]] = []
+        self.sent: list[str] = []  # every event written, in order (a test counts them)
+        self.hangups = 0  # replies the client stopped reading
+        self._gate = threading.Semaphore(0)
+        self.closing = False
+
+    def wait(self) -> None:
+        """Hold a reply until the test calls ``release`` (or the server shuts down)."""
+        while not self.closing and not self._gate.acquire(timeout=0.1):
+            pass
+
+    def release(self, times: int = 1) -> None:
+        for _ in range(times):
+            self._gate.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # a client that hung up early (the tests do that on purpose)
@@ -106,6 +146,7 @@ def serving() -> Iterator[FakeOpenAI]:
     thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield srv
+    srv.closing = True  # replies still held end now
     srv.shutdown()
     srv.server_close()
 
@@ -142,19 +183,27 @@ def test_streams_pieces_and_sends_the_key(server: FakeOpenAI, caplog: pytest.Log
     assert pieces == ["Hello", " there", ", friend."]
     (request,) = server.requests
     assert request["headers"]["Authorization"] == f"Bearer {KEY}"
-    assert request["headers"]["Accept"] == "text/event-stream"
     assert request["body"] == {"model": "llama", "messages": messages, "stream": True}
     assert "chat/completions" in caplog.text and KEY not in caplog.text
 
 
 def test_pieces_arrive_before_the_stream_ends(server: FakeOpenAI) -> None:
-    start = time.monotonic()
-    stream = _client(server, model="dribble").reply([{"role": "user", "content": "hi"}])
-    assert next(stream) == "Hello"
-    assert time.monotonic() - start < 0.8  # the server waits 1 s before its second piece
-    assert next(stream) == " there"
-    assert time.monotonic() - start >= 1.0
-    stream.close()
+    stream = _client(server, model="endless").reply([{"role": "user", "content": "hi"}])
+    assert next(stream) + next(stream) == "The first sentence is here."
+    assert not any("Then" in event for event in server.sent)  # the server holds the rest
+    server.release()
+    assert next(stream) == " Then the"
+    stream.close()  # an interrupted reply: the client hangs up, and the server's next writes fail
+    assert _eventually(lambda: server.hangups == 1)
+
+
+def _eventually(check: Any) -> bool:
+    """Poll ``check`` (a count the server keeps) for up to a minute; never a timing assertion."""
+    for _ in range(6000):
+        if check():
+            return True
+        threading.Event().wait(0.01)
+    return False
 
 
 def test_thinking_blocks_are_not_spoken(server: FakeOpenAI) -> None:
@@ -204,10 +253,31 @@ def test_bad_json(server: FakeOpenAI, caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_timeout(server: FakeOpenAI, caplog: pytest.LogCaptureFixture) -> None:
-    start = time.monotonic()
-    message = _error(_client(server, model="slow", timeout_seconds=0.3), caplog)
+    message = _error(_client(server, model="stall", timeout_seconds=0.3), caplog)
     assert "did not answer within 0.3 s" in message and "llm.timeout_seconds" in message
-    assert time.monotonic() - start < 1.4
+    assert len(server.requests) == 1  # no retries
+
+
+def test_timeout_in_the_middle(server: FakeOpenAI, caplog: pytest.LogCaptureFixture) -> None:
+    stream = _client(server, model="paced", timeout_seconds=0.3).reply([])
+    assert next(stream) + next(stream) == "The first sentence is here."
+    with pytest.raises(CompanionError, match="did not answer within 0.3 s"):
+        next(stream)  # the server holds the rest and nobody releases it
+
+
+def test_server_dies_in_the_middle(server: FakeOpenAI) -> None:
+    stream = _client(server, model="die").reply([])
+    assert next(stream) + next(stream) == "The first sentence is here."
+    with pytest.raises(CompanionError) as info:
+        next(stream)
+    assert str(info.value) == f"the LLM server at {server.base_url} dropped the connection in the middle of the reply: try again"
+
+
+def test_malformed_event_in_the_middle(server: FakeOpenAI, caplog: pytest.LogCaptureFixture) -> None:
+    stream = _client(server, model="bad-middle").reply([])
+    assert next(stream) + next(stream) == "The first sentence is here."
+    with pytest.raises(CompanionError, match="sent something that is not JSON"):
+        next(stream)
 
 
 def test_connection_refused(caplog: pytest.LogCaptureFixture) -> None:
@@ -227,41 +297,20 @@ def test_bad_base_url(caplog: pytest.LogCaptureFixture) -> None:
     assert "is not a valid http(s) URL" in message
 
 
-def test_conversation_keeps_history_bounded_and_clears(server: FakeOpenAI) -> None:
-    client = _client(server, model="echo")
-    conv = Conversation("be brief", max_exchanges=2)
-    for text in ("one", "two", "three"):
-        assert "".join(conv.ask(client, text)) == f"You said: {text}"
-    sent = server.requests[-1]["body"]["messages"]
-    assert [m["content"] for m in sent] == ["be brief", "one", "You said: one", "two", "You said: two", "three"]
-    assert conv.messages()[1:] == [
-        {"role": "user", "content": "two"},
-        {"role": "assistant", "content": "You said: two"},
-        {"role": "user", "content": "three"},
-        {"role": "assistant", "content": "You said: three"},
-    ]
-    assert list(conv.ask(client, f"  {CLEAR_TOKEN} ")) == []
-    assert conv.messages() == [{"role": "system", "content": "be brief"}]
-    assert len(server.requests) == 3  # $CLEAR$ is not sent to the server
-
-
-def test_conversation_char_limit_and_errors(server: FakeOpenAI) -> None:
-    conv = Conversation("", max_exchanges=10, max_chars=40)
-    client = _client(server, model="echo")
-    "".join(conv.ask(client, "a" * 15))
-    "".join(conv.ask(client, "b" * 15))
-    assert [u for u, _ in conv.exchanges] == ["b" * 15]  # the older one went over 40 characters
-    with pytest.raises(CompanionError):
-        "".join(conv.ask(_client(server, model="missing"), "c"))
-    assert [u for u, _ in conv.exchanges] == ["b" * 15]  # a failed question is not recorded
-
-
-def test_conversation_remembers_a_stopped_reply(server: FakeOpenAI) -> None:
-    conv = Conversation("sys")
-    stream = conv.ask(_client(server), "hi")
-    assert next(stream) == "Hello"
-    stream.close()
-    assert conv.exchanges == [("hi", "Hello")]
+def test_dialogue_is_bounded_by_exchanges_and_characters() -> None:
+    dialogue = Dialogue(max_exchanges=2)
+    for i, text in enumerate(("one", "two", "three"), 1):
+        dialogue.put(Exchange(text, f"You said: {text}", seq=i))
+    assert [m["content"] for m in dialogue.messages("be brief", "four")] == [
+        "be brief", "two", "You said: two", "three", "You said: three", "four"]
+    dialogue.put(Exchange("three", "You said: three, and more", partial=True, seq=3))  # a reply that grew
+    assert [(e.user, e.reply) for e in dialogue.exchanges] == [("two", "You said: two"), ("three", "You said: three, and more")]
+    small = Dialogue(max_exchanges=10, max_chars=40)
+    small.put(Exchange("a" * 15, "x" * 10, seq=1))
+    small.put(Exchange("b" * 15, "y" * 10, seq=2))
+    assert [e.user for e in small.exchanges] == ["b" * 15]  # the older one went over 40 characters
+    small.clear()
+    assert small.messages(None) == []
 
 
 @pytest.mark.parametrize(
@@ -275,8 +324,6 @@ def test_conversation_remembers_a_stopped_reply(server: FakeOpenAI) -> None:
     ],
 )
 def test_thinking_filter_with_every_split(text: str, spoken: str) -> None:
-    from companion.llm import _strip_thinking
-
     for size in range(1, len(text) + 1):
         pieces = [text[i : i + size] for i in range(0, len(text), size)]
-        assert "".join(_strip_thinking(pieces)) == spoken, size
+        assert "".join(strip_thinking(pieces)) == spoken, size

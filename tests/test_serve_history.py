@@ -21,7 +21,7 @@ def test_a_history_from_before_conversation_names_is_migrated(tmp_path: Path) ->
     db.commit()
     db.close()
     with Store(path) as store:
-        assert store.schema_version == SCHEMA_VERSION == 3
+        assert store.schema_version == SCHEMA_VERSION == 4
         old = store.session(1)
         assert old.conversation is None and old.model_key == "m"
         sid = store.create_session("m", 1024, [], None, conversation="kitchen")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from companion.cli import main
@@ -139,3 +140,17 @@ def test_add_refers_to_clone_files_by_name_and_shows_a_voice_without_audio(
     assert main(["voice", "show", "blank"]) == 0
     out = capsys.readouterr().out
     assert "audio:      none yet" in out and "transcript" not in out and "prepared" not in out
+
+
+def test_a_persona_is_kept_and_shown(capsys: pytest.CaptureFixture[str]) -> None:
+    voices = get_paths().voices_dir
+    voices.mkdir(parents=True)
+    (voices / "pirate.yaml").write_text("name: pirate\npersona: |\n  You are a cheerful pirate.\n  Answer briefly.\n")
+    assert main(["voice", "show", "pirate"]) == 0
+    assert "persona:    You are a cheerful pirate. Answer briefly." in capsys.readouterr().out
+    store = VoiceStore()
+    store.attach_reference(store.get("pirate"), np.zeros(24000, np.float32), "Ahoy.")  # a rewrite keeps it
+    assert store.get("pirate").persona == "You are a cheerful pirate.\nAnswer briefly.\n"
+    (voices / "pirate.yaml").write_text("name: pirate\npersona: '  '\n")
+    assert main(["voice", "show", "pirate"]) == 1
+    assert "persona" in capsys.readouterr().err

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from companion.commands.common import add_model_arguments, settings_from_args
 from companion.config import Settings
@@ -42,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--voice", metavar="NAME", help="the voice to speak with (see `companion voice list`)")
     parser.add_argument("--resume", nargs="?", const="latest", metavar="ID",
                         help="continue a saved conversation (default: the latest; see `companion history list`)")
+    parser.add_argument("--mode", choices=["speak", "chat"],
+                        help="speak: what you type is spoken; chat: an LLM answers and its reply is spoken "
+                             "(default: chat when llm.enabled is true in the config, else speak)")
     add_output_arguments(parser)
     parser.add_argument("--save-dir", type=Path, metavar="DIR",
                         help="write each reply as a WAV file in DIR instead of playing it (also /save's folder)")
@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         with typing_held(sys.stdin) if interactive else nullcontext():  # no keys echoed into the spinner
             output = open_speech_output(settings, args.save_dir, console)
             session = stack.enter_context(load_session(settings, console, resume=args.resume))
-        ctx = build_context(session, settings, output, save_dir, console, debug=_debug(args))
+        ctx = build_context(session, settings, output, save_dir, console, debug=_debug(args),
+                            mode=getattr(args, "mode", None))
         stack.callback(ctx.worker.close)
         if interactive:
             return run_interactive(ctx, get_paths().input_history_file)
@@ -196,11 +197,12 @@ def _resume_id(value: str) -> int | None:
 
 
 def build_context(session: Session, settings: Settings, output: AudioOutput, save_dir: Path, console: Console,
-                  *, debug: bool = False) -> ChatContext:
-    """The REPL's context: the worker that speaks, the printer, the command registry."""
+                  *, debug: bool = False, mode: str | None = None) -> ChatContext:
+    """The REPL's context: the worker that speaks (as typed, or the LLM's reply), the printer, the commands."""
     from companion.repl.console import RichPrinter
     from companion.repl.context import ChatContext, Status
     from companion.repl.slash import build_registry
+    from companion.repl.talk import Replies
     from companion.repl.turns import TurnWorker
     from companion.text import estimate_seconds
     from companion.voices import VoiceStore
@@ -215,32 +217,12 @@ def build_context(session: Session, settings: Settings, output: AudioOutput, sav
     def expected(text: str) -> float:
         return min(1.5 * estimate_seconds(text) + 0.5, _max_reply_seconds(session, text))
 
-    speak, extras = _speaker(session, settings, printer)
-    worker = TurnWorker(speak, output, printer.event, estimate=expected, debug=debug, after_each=refresh)
+    replies = Replies(session, settings, mode, on_text=printer.reply_text, on_end=printer.reply_end)
+    worker = TurnWorker(replies, output, printer.event, estimate=lambda text: replies.expected_seconds(text, expected),
+                        debug=debug, after_each=refresh)
     refresh()
     return ChatContext(session, settings, output, worker, printer, session.voice_store or VoiceStore(),
-                       build_registry(), save_dir, status, extras)
-
-
-def _speaker(session: Session, settings: Settings, printer: Any) -> tuple[Any, dict[str, Any]]:
-    """What a turn speaks: the typed line, or (llm.enabled) the LLM's reply to it."""
-    if not settings.llm.enabled:
-        return (lambda text, cancel: session.speak(text, cancel=cancel)), {}
-    from companion.llm import Conversation, LLMClient
-
-    client, conversation = LLMClient(settings.llm), Conversation(settings.llm.system_prompt)
-
-    def speak(text: str, cancel: threading.Event) -> Iterator[np.ndarray]:
-        pieces = []
-        for piece in conversation.ask(client, text):
-            if cancel.is_set():
-                return iter(())
-            pieces.append(piece)
-        reply = "".join(pieces).strip()
-        printer.info(f"companion: {reply}")
-        return session.speak(reply, cancel=cancel) if reply else iter(())
-
-    return speak, {"conversation": conversation}
+                       build_registry(), save_dir, status, replies=replies)
 
 
 def _max_reply_seconds(session: Session, text: str) -> float:

@@ -168,6 +168,8 @@ def _show(args: argparse.Namespace, console: Console) -> int:
         console.print(f"transcript: {transcript if len(transcript) <= 70 else transcript[:69] + '…'} ({words} words)")
     if profile.generation.as_dict():
         console.print("generation: " + ", ".join(f"{k}={v}" for k, v in profile.generation.as_dict().items()))
+    if profile.persona is not None:
+        console.print(f"persona:    {' '.join(profile.persona.split())}")
     if files:
         from companion.audio.prepare import prepare_references
         from companion.refbudget import reference_cost

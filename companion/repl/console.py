@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TextIO
@@ -14,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from companion.repl.turns import TurnEvent
+from companion.text.stream import SentenceSplitter
 
 
 def make_console(*, interactive: bool) -> Console:
@@ -65,6 +67,43 @@ class RichPrinter:
         self.console = console
         self.errors = errors or console
         self.errors_shown = 0
+        self._replying = False  # an LLM reply's text is being shown
+        self._pending = SentenceSplitter()  # on a terminal: the reply is shown sentence by sentence
+        self._lock = threading.Lock()
+
+    PREFIX = "companion: "
+
+    def reply_text(self, piece: str) -> None:
+        """Show a piece of the LLM's reply as it arrives (called from the thread reading it).
+
+        On a terminal each sentence is shown once it is complete, on its own line (the prompt below
+        redraws after every write, and would wipe a half-written line); elsewhere the pieces are
+        written as they come."""
+        with self._lock:
+            if not self.console.is_terminal:
+                if not self._replying:
+                    self.console.print(Text(self.PREFIX, style="bold magenta"), end="")
+                self._replying = True
+                self.console.print(Text(piece), end="")
+                self.console.file.flush()
+                return
+            for sentence in self._pending.feed(piece):
+                self._reply_line(sentence)
+
+    def reply_end(self) -> None:
+        with self._lock:
+            for sentence in self._pending.flush():
+                self._reply_line(sentence)
+            if self._replying and not self.console.is_terminal:
+                self.console.print()
+            self._replying = False
+
+    def _reply_line(self, text: str) -> None:
+        if not text.strip():
+            return
+        lead = Text(self.PREFIX, style="bold magenta") if not self._replying else Text(" " * len(self.PREFIX))
+        self._replying = True
+        self.console.print(lead + Text(text.strip()))
 
     def info(self, text: str) -> None:
         self.console.print(Text(text, style="cyan"))

@@ -13,6 +13,7 @@ from companion.repl.registry import Registry
 from companion.repl.turns import TurnWorker
 
 if TYPE_CHECKING:
+    from companion.repl.talk import Replies
     from companion.session import Session
     from companion.voices import VoiceStore
 
@@ -49,7 +50,12 @@ class ChatContext:
     registry: Registry[ChatContext]
     save_dir: Path
     status: Status = field(default_factory=Status)
-    extras: dict[str, Any] = field(default_factory=dict)  # e.g. the LLM client
+    extras: dict[str, Any] = field(default_factory=dict)
+    replies: Replies | None = None  # what a typed line becomes (mode speak or chat)
+
+    @property
+    def mode(self) -> str:
+        return self.replies.mode if self.replies is not None else "speak"
 
     def voice_names(self) -> list[str]:
         return self.voices.names()

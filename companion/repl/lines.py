@@ -13,6 +13,8 @@ def handle_line(ctx: ChatContext, line: str) -> bool:
     if not line:
         return True
     if not ctx.registry.is_command(line):
+        if ctx.replies is not None and ctx.replies.interrupts and ctx.worker.busy:
+            ctx.worker.cancel()  # llm.new_line: interrupt: the new line stops the reply being spoken
         ctx.worker.submit(line)
         return True
     try:

@@ -61,10 +61,19 @@ def list_voices(ctx: ChatContext, arg: str) -> None:
 
 
 def clear(ctx: ChatContext, arg: str) -> None:
-    ctx.session.clear()
-    if "conversation" in ctx.extras:  # the LLM forgets too
-        ctx.extras["conversation"].clear()
+    ctx.session.clear()  # the audio context and the text exchanged with the LLM
     ctx.ui.success("context cleared: only the voice reference is kept")
+
+
+def mode(ctx: ChatContext, arg: str) -> None:
+    """/mode [speak|chat]: show or switch what a typed line becomes (after the lines typed before)."""
+    from companion.repl.talk import check_mode
+
+    if ctx.replies is None:
+        raise CompanionError("/mode is not available here")
+    if arg:
+        ctx.replies.mode = check_mode(arg.lower())
+    ctx.ui.info(ctx.replies.describe())
 
 
 TRAINED_POSITIONS = 2048  # the context length CSM-1B was trained on
@@ -145,12 +154,25 @@ def stats(ctx: ChatContext, arg: str) -> None:
         ["turns spoken", str(len(turns))],
         ["first audio (last turn)", _seconds(last.first_chunk_s if last else None)],
         ["first sound (last turn)", _seconds(last.first_sound_s if last else None)],
+        *_reply_rows(turns),
         ["RTF (mean, generation s / audio s)", f"{sum(rtfs) / len(rtfs):.3f}" if rtfs else "-"],
         ["audio generated", f"{sum(t.audio_s for t in turns):.1f} s"],
         ["underruns", str(ctx.output.underruns)],
         ["output", ctx.output.describe()],
     ]
     ctx.ui.table("Stats", ["", ""], rows)
+
+
+def _reply_rows(turns: list) -> list[list[str]]:
+    """The last LLM reply's latency: its first sentence, then that sentence's first audio (chat mode)."""
+    timing = next((t.reply for t in reversed(turns) if t.reply is not None), None)
+    if timing is None:
+        return []
+    return [
+        ["LLM first sentence (last reply)", _seconds(timing.first_sentence_s)],
+        ["first sentence -> first audio (last reply)", _seconds(timing.sentence_to_audio_s)],
+        ["engine first audio (last reply)", _seconds(timing.engine_first_audio_s)],
+    ]
 
 
 def _seconds(value: float | None) -> str:
@@ -181,6 +203,8 @@ def build_registry() -> Registry[ChatContext]:
         SlashCommand("voices", "list the voice profiles", list_voices),
         SlashCommand("clear", "forget the conversation, keep the voice (same as $CLEAR$)", in_turn_order(clear),
                      ("reset",)),
+        SlashCommand("mode", "show or switch the mode: speak what you type, or chat with the LLM",
+                     in_turn_order(mode), (), "[speak|chat]", lambda ctx: ["speak", "chat"]),
         SlashCommand("context", "what is in memory and what it costs, in positions", in_turn_order(show_context),
                      ("ctx",)),
         SlashCommand("save", "write the last reply (or --all: the conversation) to a WAV file", in_turn_order(save),

@@ -1,4 +1,4 @@
-"""The bottom toolbar: voice, context used / budget, output device, watermark, what is happening."""
+"""The bottom toolbar: mode (speak or chat), voice, context used / budget, output device, watermark, what is happening."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ def toolbar_text(ctx: ChatContext) -> FormattedText:
     used = "?" if st.context_used is None else str(st.context_used)
     budget = "?" if st.context_budget is None else str(st.context_budget)
     parts: list[tuple[str, str]] = [
-        ("", f" voice {st.voice or '-'}"),
+        ("", f" {ctx.mode}"),
+        SEP,
+        ("", f"voice {st.voice or '-'}"),
         SEP,
         ("", f"context {used}/{budget}"),
         SEP,

@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable, Generator, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -37,6 +37,7 @@ class TurnStats:
     underruns: int = 0
     first_sound_s: float | None = None  # playback start after the turn began
     path: str | None = None  # WAV file written instead of playing
+    reply: Any = None  # for a reply an LLM wrote: its companion.talkback.ReplyTiming
 
     @property
     def rtf(self) -> float | None:
@@ -186,21 +187,30 @@ class TurnWorker:
         stats = TurnStats(turn.text)
         self._on_event(TurnEvent("started", stats))
         expected = self._estimate(turn.text) if self._estimate else None
-        with closing(self._timed_chunks(turn, stats)) as chunks:
-            report: PlayReport = self.output.play(chunks, cancel=turn.cancel, expected_seconds=expected)
+        source = self._speak(turn.text, turn.cancel)
+        stats.reply = getattr(source, "timing", None)
+        try:
+            with closing(self._timed_chunks(turn, stats, source)) as chunks:
+                report: PlayReport = self.output.play(chunks, cancel=turn.cancel, expected_seconds=expected)
+        finally:
+            getattr(source, "close", lambda: None)()
         stats.underruns, stats.first_sound_s = report.underruns, report.first_sound_s
         stats.path = str(report.path) if report.path else None
+        if failure := getattr(source, "error", None):  # an LLM that failed mid-reply: after what was heard
+            if stats.audio_s:
+                self.history.append(stats)
+            return TurnEvent("error", stats, _one_line(failure))
         if report.cancelled or turn.cancel.is_set():
             since = self._cancelled_at
             return TurnEvent("cancelled", stats, elapsed_s=time.monotonic() - since if since else 0.0)
         self.history.append(stats)
         return TurnEvent("done", stats)
 
-    def _timed_chunks(self, turn: _Turn, stats: TurnStats) -> Generator[np.ndarray, None, None]:
+    def _timed_chunks(self, turn: _Turn, stats: TurnStats, source: Iterator[np.ndarray]) -> Generator[np.ndarray, None, None]:
         """The session's chunks, timing generation (the time spent inside the generator)."""
         start = time.monotonic()
         self.generating = True
-        gen = iter(self._speak(turn.text, turn.cancel))
+        gen = iter(source)
         try:
             while True:
                 t0 = time.monotonic()

@@ -32,6 +32,7 @@ from companion.engine import Engine, GenerationOptions, Segment
 from companion.errors import CompanionError
 from companion.session.audio import AudioLog, TurnStats, output_marker
 from companion.session.context import MIN_TEXT_POSITIONS, Context, ContextRow, TextTooLong, Turn, Voice
+from companion.session.dialogue import Dialogue, Exchange
 from companion.session.script import assign_voices, is_clear, parse_line
 from companion.store import Store, TurnRecord, VoiceRecord
 from companion.text import NOTHING_TO_SAY, prepare
@@ -58,6 +59,8 @@ class Session:
         self._reply: list[np.ndarray] = []
         self.reply_voices: list[str] = []  # the voices of the last ``speak``, in order
         self._next_seq = 1
+        self.dialogue = Dialogue()  # the text exchanged with an LLM (talking back), bounded
+        self._next_exchange = 1
 
     # ---- voices ---------------------------------------------------------------------------------
 
@@ -305,10 +308,23 @@ class Session:
     # ---- memory ---------------------------------------------------------------------------------
 
     def clear(self) -> None:
-        """``$CLEAR$``: forget the conversation, keep the voices and their references."""
-        self.context.clear()
+        """``$CLEAR$``: forget the conversation (audio context and text exchanges), keep the voices."""
         if self.store is not None and self.session_id is not None:
-            self.store.set_state(self.session_id, context_start=self._next_seq)
+            self.store.set_state(self.session_id, context_start=self._next_seq, exchanges_start=self._next_exchange)
+        self.context.clear()
+        self.dialogue.clear()
+
+    def new_exchange(self, user: str) -> Exchange:
+        """A numbered, empty exchange for the reply about to be spoken (kept once ``record`` is called)."""
+        exchange = Exchange(user, "", partial=True, seq=self._next_exchange)
+        self._next_exchange += 1
+        return exchange
+
+    def record(self, exchange: Exchange) -> None:
+        """Keep ``exchange`` (stored first, then remembered); called again as its reply grows."""
+        if self.store is not None:
+            self.store.put_exchange(self._session_id(), exchange)
+        self.dialogue.put(exchange)
 
     def context_segments(self) -> list[Segment]:
         """The context the next prompt starts with (references, then the turns kept)."""
@@ -359,6 +375,10 @@ class Session:
                 seg = Segment(t.speaker, t.text, t.codes)
                 session.context.append(Turn(t.seq, t.voice, t.speaker, t.text, t.codes, engine.segment_positions(seg)))
         session._next_seq = turns[-1].seq + 1 if turns else 1
+        for exchange in store.exchanges(sid, remembered=True):
+            session.dialogue.put(exchange)
+        every = store.exchanges(sid)
+        session._next_exchange = every[-1].seq + 1 if every else 1
         session.active = record.voice if record.voice in session.context.voices else next(iter(session.context.voices), None)
         return session
 
