@@ -276,7 +276,8 @@ def test_generation_failure_is_500_and_the_server_keeps_serving(server: LiveServ
     store.add(VoiceProfile(name="broken", audio=[str(data_dir / "short.wav")], transcript="A short clip."))
     profile = store.get("broken")
     cache = ReferenceCache()
-    key = cache.key(profile.audio_paths(), server.state.settings.reference, server.state.engine.model_key)
+    engine = server.state.engine
+    key = cache.key(profile.audio_paths(), server.state.settings.reference, engine.model_key, engine.codec_key)
     cache.put(key, torch.full((32, 12), 30000, dtype=torch.long))  # readable, but no such Mimi codes
     client = server.openai()
     with pytest.raises(openai.InternalServerError) as failed:
