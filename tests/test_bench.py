@@ -43,10 +43,9 @@ def test_bench_writes_every_key(bench_json: dict, tiny_model_dir: Path) -> None:
 def test_bench_values_are_sane(bench_json: dict) -> None:
     e, b, f = bench_json["engine"], bench_json["baseline"], bench_json["floor"]
     for value in (b["ms_per_frame"], e["ms_per_frame"], e["first_audio_ms_cold"], e["first_audio_ms_cached"],
-                  e["prefill_ms_ref10s"], e["prefill_ms_ref120s"], e["mimi_decode_ms_per_frame"], f["ms_per_frame"]):
+                  e["prefill_ms_ref10s"], e["prefill_ms_ref120s"], e["mimi_decode_ms_per_frame"], f["ms_per_frame"], e["peak_rss_mb"]):
         assert isinstance(value, float) and math.isfinite(value) and value > 0
     assert e["cuda_max_allocated_mb"] is None  # CPU
-    assert e["peak_rss_mb"] > 50
     assert e["frames"] == 3
     # RTF is (generation + decode) per frame over 80 ms of audio.
     assert e["rtf"] == pytest.approx((e["ms_per_frame"] + e["mimi_decode_ms_per_frame"]) / 80.0)
