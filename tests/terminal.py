@@ -88,4 +88,5 @@ class Tmux:
 
 
 _PASSED = {"COMPANION_HOME", "COMPANION_TEST_LLM_KEY", "HOME", "PULSE_SERVER", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "PATH",
+           "OMP_NUM_THREADS",  # the test policy (conftest): one thread per model process
            "PYTHONPATH", "TERM", "LANG", "LC_ALL"}
