@@ -161,6 +161,9 @@ class TurnWorker:
                 return
             with self._lock:
                 self._current, self._cancelled_at = turn, None
+                # A turn is "generating" from its start (its voice and prompt are prepared before the
+                # first chunk) until the last chunk; only then does the toolbar say "playing".
+                self.generating = turn.action is None
             try:
                 if turn.action is not None:
                     turn.action()
