@@ -1,43 +1,65 @@
-"""The checks that need a GPU, in one run, printing one JSON object (full-size csm-1b, random weights).
+"""The checks that need a GPU, in one run, printing one JSON object.
 
     python benchmarks/gpu_check.py --json gpu.json          # on a CUDA machine (a few minutes)
     python benchmarks/gpu_check.py --dry-run                # anywhere: the same logic on the tiny model
 
-1. ``self_check``: the first graphed turn runs the engine's own self-check (a few greedy frames replayed
-   and run step by step); ``passed`` is whether graphs are still on afterwards (``off_reason`` if not).
-2. ``exactness``: greedy codes of the graphed engine and of an eager engine on the same weights
-   (bfloat16, a 10 s reference, ``--frames`` frames): equal frames and the first that differs. The
-   replay attends over the full static cache with a position mask, so its low bits may differ from the
-   eager path's; this records how much that matters in practice.
-3. ``bench``: ``companion bench``'s numbers (RTF, ms per frame, first audio with a cold and a cached
+Sections (each runs even if an earlier one failed; a failure is recorded as ``error`` with its traceback,
+and the JSON file is rewritten after every section, so a run cut short keeps what it measured):
+
+1. ``tiny``: the tiny test checkpoint in float32 with real CUDA graphs (its own capture object): the
+   self-check result and greedy codes graphed vs eager. In float32 they must be equal: this isolates
+   the graph logic from bfloat16 rounding.
+2. ``float32``: the same at full size (csm-1b architecture, random weights, float32, its own capture).
+3. ``self_check``: full size in bfloat16 (what users run): the first graphed turn runs the engine's own
+   self-check; ``passed`` is whether graphs are still on afterwards.
+4. ``exactness``: greedy codes of the graphed engine and of an eager engine on the same weights (a 10 s
+   reference, ``--frames`` frames): equal frames and the first that differs. The replay attends over
+   the full static cache with a position mask, so in bfloat16 its low bits may differ from the eager
+   path's. ``eager_vs_transformers`` compares the eager engine with transformers' own ``generate``
+   (greedy) on the same prompt: the size of the difference that bfloat16 alone makes between two
+   correct implementations (every exactness section has it).
+   ``teacher_forced``: along the eager greedy frames, codebook-0 logits of the eager step and of the
+   graph's step (run eagerly), each against a float32 copy of the model: whether the graph's step is
+   as close to float32 as the eager one (the divergence above is then bfloat16 rounding, not a bug).
+5. ``graph_speed``: ms per frame (sampling) with graphs and without, same prompt and weights.
+6. ``bench``: ``companion bench``'s numbers (RTF, ms per frame, first audio with a cold and a cached
    2-minute reference, prefill, the transformers baseline and the memory floor) with graphs on.
 
-``--dry-run`` runs all three on the tiny test checkpoint on CPU with graphs replaced by the eager
-replay the CPU tests use (``Capture``), to prove the script itself works where there is no GPU.
+``--dry-run`` runs it all on the tiny checkpoint on CPU with graphs replaced by the eager replay the
+CPU tests use (``Capture``), to prove the script itself works where there is no GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import logging
+import platform
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+import transformers
 
 from companion.engine import Engine, GenerationOptions
 from companion.engine.bench import (
     REF_SHORT_FRAMES,
     TURNS,
     BenchOptions,
+    engine_run,
     finite,
+    prompt_embeds,
     random_engine,
     reference,
     run_bench,
 )
-from companion.engine.cuda_graphs import CUDA_GRAPHS, Capture, FrameGraphs
+from companion.engine.cuda_graphs import CUDA_GRAPHS, Capture, CudaGraphCapture, FrameGraphs
 
 
 def greedy_codes(engine: Engine, context: list, frames: int) -> torch.Tensor:
@@ -49,75 +71,244 @@ def greedy_codes(engine: Engine, context: list, frames: int) -> torch.Tensor:
 
 
 def exactness(graphed: Engine, eager: Engine, context: list, frames: int) -> dict[str, Any]:
+    """Greedy codes replayed vs eager (and eager vs transformers' generate, the same prompt)."""
     a, b = greedy_codes(graphed, context, frames), greedy_codes(eager, context, frames)
+    out = agreement(a, b)
+    out["eager_vs_transformers"] = agreement(b, transformers_greedy(eager, context, frames))
+    return out
+
+
+@torch.inference_mode()
+def transformers_greedy(engine: Engine, context: list, frames: int) -> torch.Tensor:
+    """`(n, K)` frames from transformers' ``generate`` (greedy backbone and depth decoder) on the same
+    prompt as ``greedy_codes``, end frame and what follows dropped."""
+    embeds = prompt_embeds(engine, engine.prompt.prompt_rows(context, 0, TURNS[0]))
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=engine.device)
+    out = engine.model.generate(
+        inputs_embeds=embeds, attention_mask=mask, do_sample=False, depth_decoder_do_sample=False,
+        max_new_tokens=frames,
+    )[0]  # fmt: skip
+    ends = (out == 0).all(dim=1).nonzero()
+    return out[: int(ends[0, 0])] if len(ends) else out
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
+    """How two `(n, K)` greedy code sequences agree, frame by frame."""
     n = min(len(a), len(b))
-    same = [bool(torch.equal(a[i], b[i])) for i in range(n)]
+    same = [bool(torch.equal(a[i].cpu(), b[i].cpu())) for i in range(n)]
     return {
         "frames": n,
-        "graphed_frames": len(a),
-        "eager_frames": len(b),
+        "frames_a": len(a),
+        "frames_b": len(b),
         "equal": n == len(a) == len(b) and all(same),
         "equal_frames": sum(same),
         "first_difference": same.index(False) if False in same else None,
     }
 
 
+@torch.no_grad()
+def backbone_logits(engine: Engine, context: list, codes: torch.Tensor, at: bool) -> torch.Tensor:
+    """`(n, V)` codebook-0 logits (float32) along the given frames (teacher forcing): after the prompt,
+    then after feeding each frame through the backbone's eager step (``forward``) or the graph's step
+    (``forward_at``, run eagerly). Everything else the two paths share."""
+    loop = engine.loop
+    loop.reset()
+    hidden, _ = loop.prefill(engine.prompt.prompt_rows(context, 0, TURNS[0]))
+    assert hidden is not None
+    logits = [F.linear(hidden[:, -1], loop.lm_head).float()]
+    for frame in codes[:-1].to(loop.device):
+        if at:
+            pos = torch.tensor(loop.length, device=loop.device)
+            hidden = loop.backbone.forward_at(loop.embed_frames(frame[None]), pos)
+            loop.record_frame(frame)
+        else:
+            hidden = loop.feed(frame)
+        logits.append(F.linear(hidden[:, -1], loop.lm_head).float())
+    loop.reset()
+    return torch.cat(logits)
+
+
+def teacher_forced(engine: Engine, frames: int) -> dict[str, Any]:
+    """How far the eager and the graph step each are from a float32 copy of the model, along the same
+    frames: codebook-0 argmax agreement and logit error relative to the logits' spread."""
+    context = [reference(engine, REF_SHORT_FRAMES)]
+    eager = eager_twin(engine)
+    codes = greedy_codes(eager, context, frames)
+    wide = Engine(copy.deepcopy(engine.model).float(), engine.processor, "float32 copy", engine.max_seq_len,
+                  capture=Capture())  # fmt: skip
+    wide.graphs = None
+    truth = backbone_logits(wide, context, codes, at=False)
+    out: dict[str, Any] = {"frames": len(codes), "logit_spread": float(truth.std())}
+    paths = {
+        "eager_step": backbone_logits(eager, context, codes, at=False),
+        "graph_step": backbone_logits(eager, context, codes, at=True),
+        "graph_step_float32": backbone_logits(wide, context, codes, at=True),
+    }
+    for name, logits in paths.items():
+        error = (logits - truth).abs()
+        out[name] = {
+            "argmax_agrees": float((logits.argmax(-1) == truth.argmax(-1)).float().mean()),
+            "max_error_over_spread": float(error.max() / truth.std()),
+            "mean_error_over_spread": float(error.mean() / truth.std()),
+        }
+    del wide
+    return out
+
+
+def eager_twin(engine: Engine) -> Engine:
+    """An engine on the same weights that never replays (its own cache)."""
+    twin = Engine(engine.model, engine.processor, engine.model_key, engine.max_seq_len, capture=Capture())
+    twin.graphs = None
+    return twin
+
+
+def graphed_check(engine: Engine, capture: Capture, frames: int) -> dict[str, Any]:
+    """Self-check (inside the first graphed turn) and graphed-vs-eager greedy codes."""
+    engine.graphs = FrameGraphs(engine.loop, capture)
+    context = [reference(engine, REF_SHORT_FRAMES)]
+    greedy_codes(engine, context, 4)
+    out: dict[str, Any] = {
+        "self_check": {
+            "passed": capture.off is None,
+            "off_reason": capture.off,
+            "units": sorted("greedy" if greedy else "sampled" for greedy in engine.graphs.units),
+        }
+    }
+    out["exactness"] = exactness(engine, eager_twin(engine), context, frames)
+    out["exactness"]["graphs_on"] = capture.off is None
+    return out
+
+
+def graph_speed(engine: Engine, opts: BenchOptions) -> dict[str, Any]:
+    """Best ms per frame (sampling) with graphs on and off, on the same prompt."""
+    context = [reference(engine, REF_SHORT_FRAMES)]
+    out: dict[str, Any] = {}
+    for name, target in (("graphed", engine), ("eager", eager_twin(engine))):
+        engine_run(target, context, TURNS[0], 2, opts)  # warm-up (and capture for the graphed one)
+        runs = [
+            engine_run(target, context, TURNS[0], opts.frames, opts, seed=i)[0] for i in range(opts.repeats)
+        ]
+        out[f"{name}_ms_per_frame"] = min(s.ms_per_frame for s in runs)
+        out[f"{name}_frames"] = [s.frames for s in runs]
+    out["eager_over_graphed"] = out["eager_ms_per_frame"] / max(out["graphed_ms_per_frame"], 1e-9)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="GPU checks: graph self-check, graph-vs-eager exactness, bench")
-    parser.add_argument("--dry-run", action="store_true", help="tiny model on CPU, eager replay (no GPU needed)")
+    parser = argparse.ArgumentParser(
+        description="GPU checks: graph self-check, graph-vs-eager exactness, bench"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="tiny model on CPU, eager replay (no GPU needed)"
+    )
     parser.add_argument("--frames", type=int, default=48, help="frames compared graphed vs eager")
     parser.add_argument("--bench-frames", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-bench", action="store_true")
-    parser.add_argument("--json", help="also write the result here")
+    parser.add_argument("--json", help="also write the result here (rewritten after every section)")
     args = parser.parse_args(argv)
-    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda text: print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)  # noqa: E731
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
     if args.dry_run:
-        device, dtype, size, capture = torch.device("cpu"), torch.float32, "tiny", Capture()
+        device, dtype, size = torch.device("cpu"), torch.float32, "tiny"
     elif not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA device: run on a GPU machine, or use --dry-run"}))
         return 2
     else:
-        device, dtype, size, capture = torch.device("cuda"), torch.bfloat16, "full", CUDA_GRAPHS
-    out: dict[str, Any] = {"dry_run": args.dry_run, "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as work:
-        log(f"building the {size} model on {device}")
-        engine, label = random_engine(size, device, dtype, work)
-    out["model"] = label
+        device, dtype, size = torch.device("cuda"), torch.bfloat16, "full"
+    out: dict[str, Any] = {
+        "dry_run": args.dry_run, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+    }  # fmt: skip
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
-    # The engine random_engine made uses the default capture; the dry run hands it the eager one.
-    engine.graphs = FrameGraphs(engine.loop, capture)
-    eager = Engine(engine.model, engine.processor, engine.model_key, engine.max_seq_len, capture=Capture())
-    eager.graphs = None
-    context = [reference(engine, REF_SHORT_FRAMES)]
+    start = time.perf_counter()
 
-    # 1. The self-check runs inside the first graphed turn.
-    log("graph self-check")
-    greedy_codes(engine, context, 4)
-    out["self_check"] = {
-        "passed": capture.off is None,
-        "off_reason": capture.off,
-        "units": sorted("greedy" if greedy else "sampled" for greedy in engine.graphs.units),
-    }
-    # 2. Graphed vs eager greedy codes.
-    log(f"exactness: {args.frames} greedy frames, graphed vs eager")
-    out["exactness"] = exactness(engine, eager, context, args.frames)
-    out["exactness"]["graphs_on"] = capture.off is None
-    # 3. The bench (graphs on, unless the self-check turned them off).
-    if not args.skip_bench:
-        opts = BenchOptions(frames=4 if args.dry_run else args.bench_frames, repeats=1 if args.dry_run else args.repeats)
-        out["bench"] = finite(run_bench(engine, label, opts, lambda text: log(f"bench: {text}")))
-        out["bench"]["graphs_on"] = capture.off is None
-    out["seconds"] = time.perf_counter() - start
-    text = json.dumps(out, indent=2, default=str)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n")
-    print(text)
-    return 0 if out["self_check"]["passed"] and out["exactness"]["frames"] > 0 else 1
+    def save() -> None:
+        out["seconds"] = time.perf_counter() - start
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as fh:
+                fh.write(json.dumps(finite(out), indent=2, default=str) + "\n")
+
+    def section(name: str, work: Callable[[], dict[str, Any]]) -> None:
+        log(name)
+        try:
+            out.update(work())
+        except Exception as err:  # recorded; the next sections still run
+            out.setdefault("errors", {})[name] = f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
+            log(f"{name} FAILED: {type(err).__name__}: {err}")
+        save()
+
+    work_dir = tempfile.TemporaryDirectory()
+
+    # 1. Tiny checkpoint, float32, real graphs (its own capture, so a failure here leaves the full run's on).
+    def tiny() -> dict[str, Any]:
+        engine, _ = random_engine("tiny", device, torch.float32, work_dir.name)
+        capture = Capture() if args.dry_run else CudaGraphCapture()
+        return {"tiny": graphed_check(engine, capture, args.frames)}
+
+    section("tiny: float32 graphs vs eager", tiny)
+
+    state: dict[str, Any] = {}
+
+    # 1b. Full size in float32 with real graphs (its own capture): graph logic at full size, no bf16 rounding.
+    def full_fp32() -> dict[str, Any]:
+        engine, _ = random_engine(size, device, torch.float32, work_dir.name)
+        capture = Capture() if args.dry_run else CudaGraphCapture()
+        try:
+            return {"float32": graphed_check(engine, capture, args.frames)}
+        finally:
+            del engine
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    section(f"{size} model in float32: graphs vs eager vs transformers", full_fp32)
+
+    def build() -> dict[str, Any]:
+        engine, label = random_engine(size, device, dtype, work_dir.name)
+        state["engine"] = engine
+        return {"model": label}
+
+    section(f"building the {size} model on {device}", build)
+    capture = Capture() if args.dry_run else CUDA_GRAPHS
+    opts = BenchOptions(
+        frames=4 if args.dry_run else args.bench_frames, repeats=1 if args.dry_run else args.repeats
+    )
+    if "engine" in state:
+        engine = state["engine"]
+        # 2 + 3. Self-check and exactness (the engine's graphs go through ``capture``).
+        section(
+            f"self-check and {args.frames} greedy frames graphed vs eager",
+            lambda: graphed_check(engine, capture, args.frames),
+        )
+        # 4b. Teacher forcing: the eager and the graph step against a float32 copy, along the same frames.
+        section(
+            "teacher-forced logits against float32",
+            lambda: {"teacher_forced": teacher_forced(engine, args.frames)},
+        )
+        # 5. Speed with and without graphs.
+        section("ms per frame with and without graphs", lambda: {"graph_speed": graph_speed(engine, opts)})
+        # 5. The bench (graphs on, unless the self-check turned them off).
+        if not args.skip_bench:
+            section(
+                "bench",
+                lambda: {
+                    "bench": run_bench(engine, out.get("model", "?"), opts, lambda t: log(f"bench: {t}"))
+                },
+            )
+            if "bench" in out:
+                out["bench"]["graphs_on"] = capture.off is None
+    out["graphs_off_reason"] = capture.off
+    work_dir.cleanup()
+    save()
+    print(json.dumps(finite(out), indent=2, default=str))
+    ok = (
+        "errors" not in out
+        and out.get("self_check", {}).get("passed")
+        and out.get("exactness", {}).get("frames", 0) > 0
+    )
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

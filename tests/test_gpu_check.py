@@ -1,0 +1,39 @@
+"""The prepared GPU script (benchmarks/gpu_check.py) runs its whole logic on a CPU with ``--dry-run``.
+
+A GPU is lent to few sessions: the script must work the first time one is. The dry run drives every
+section on the tiny checkpoint with the eager replay (``Capture``), so the comparisons it reports are
+real ones: replayed vs eager codes, eager vs transformers' ``generate``, and teacher-forced logits.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dry_run_runs_every_section(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    code = load_script().main(["--dry-run", "--frames", "8", "--skip-bench", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert code == 0
+    assert "errors" not in result
+    assert result["self_check"]["passed"] and result["graphs_off_reason"] is None
+    for part in (result["tiny"], result["float32"], result):
+        assert part["exactness"]["equal"] and part["exactness"]["frames"] == 8
+        assert part["exactness"]["eager_vs_transformers"]["equal"]
+    forced = result["teacher_forced"]
+    assert forced["frames"] == 8
+    for step in ("eager_step", "graph_step", "graph_step_float32"):
+        assert forced[step]["argmax_agrees"] == 1.0
+    assert result["graph_speed"]["graphed_frames"] == [4]
