@@ -81,12 +81,16 @@ def exactness(graphed: Engine, eager: Engine, context: list, frames: int) -> dic
 @torch.inference_mode()
 def transformers_greedy(engine: Engine, context: list, frames: int) -> torch.Tensor:
     """`(n, K)` frames from transformers' ``generate`` (greedy backbone and depth decoder) on the same
-    prompt as ``greedy_codes``, end frame and what follows dropped."""
+    prompt as ``greedy_codes``, end frame and what follows dropped. Codes Mimi cannot decode (csm-1b:
+    2048-2050 of its 2051) are suppressed, as the engine never picks them: with random weights they
+    are as likely as any other, and ``generate`` would pick them."""
     embeds = prompt_embeds(engine, engine.prompt.prompt_rows(context, 0, TURNS[0]))
     mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=engine.device)
+    limit = engine.decodable_codes
+    undecodable = list(range(limit, engine.model.config.vocab_size)) if limit is not None else None
     out = engine.model.generate(
         inputs_embeds=embeds, attention_mask=mask, do_sample=False, depth_decoder_do_sample=False,
-        max_new_tokens=frames,
+        suppress_tokens=undecodable, depth_decoder_suppress_tokens=undecodable, max_new_tokens=frames,
     )[0]  # fmt: skip
     ends = (out == 0).all(dim=1).nonzero()
     return out[: int(ends[0, 0])] if len(ends) else out
