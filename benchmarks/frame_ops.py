@@ -19,8 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from companion.engine.bench import random_engine
-from companion.engine.cuda_graphs import GraphedFrame
-from companion.engine.sampling import Sampler
+from companion.engine.cuda_graphs import new_unit
 
 
 class OpCount(TorchDispatchMode):
@@ -48,11 +47,7 @@ def main() -> None:
         engine, label = random_engine(size, torch.device("cpu"), dtype, work)
     loop = engine.loop
     for greedy in (True, False):
-        sampler = Sampler(
-            0.0 if greedy else 1.0, 1 if greedy else 2, 0, loop.device, loop.num_codebooks,
-            loop.decodable_codes, width=loop.decodable_codes or loop.vocab,
-        )  # fmt: skip
-        unit = GraphedFrame(loop, sampler)
+        unit = new_unit(loop, greedy)
         unit.warm_up()
         unit.load(torch.zeros_like(unit.hidden), loop.scratch)
         count = OpCount()

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_doctor import _row
 
 from companion.cli import build_parser, main
 from companion.commands.common import torch_threads
@@ -31,14 +32,6 @@ def _config(home: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path
-
-
-def _row(out: str, name: str) -> str:
-    for line in out.splitlines():
-        cells = [c.strip() for c in line.split("│")]
-        if len(cells) > 2 and cells[1] == name:
-            return line
-    raise AssertionError(f"no {name!r} row in:\n{out}")
 
 
 # ---- max_seq_len ----------------------------------------------------------------------------------

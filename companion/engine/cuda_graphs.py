@@ -101,6 +101,16 @@ class GraphedFrame:
             yield frame
 
 
+def new_unit(loop: FrameLoop, greedy: bool) -> GraphedFrame:
+    """A unit for one kind of sampling: greedy, or top-k over every decodable code (ranks past the
+    configured top-k masked at run time, so one unit serves every temperature and top-k)."""
+    sampler = Sampler(
+        0.0 if greedy else 1.0, 1 if greedy else 2, 0, loop.device, loop.num_codebooks,
+        loop.decodable_codes, width=loop.decodable_codes or loop.vocab,
+    )  # fmt: skip
+    return GraphedFrame(loop, sampler)
+
+
 class Capture:
     """How a ``GraphedFrame``'s step becomes a replay. This base replays the step eagerly (after the
     warm-up a real capture does); subclasses record it. ``off`` says why units are no longer made (None
@@ -190,12 +200,7 @@ class FrameGraphs:
         """The unit for this kind of sampling, captured on first use; None (graphs off) if capture fails."""
         if greedy in self.units:
             return self.units[greedy]
-        loop = self.loop
-        sampler = Sampler(
-            0.0 if greedy else 1.0, 1 if greedy else 2, 0, loop.device, loop.num_codebooks,
-            loop.decodable_codes, width=loop.decodable_codes or loop.vocab,
-        )  # fmt: skip
-        unit = GraphedFrame(loop, sampler)
+        unit = new_unit(self.loop, greedy)
         try:
             unit.replay = self.capture.record(unit)
         except Exception as err:  # capture is an optimisation: generate eagerly from now on
