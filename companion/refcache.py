@@ -1,8 +1,9 @@
 """Encoded-reference cache: the Mimi codes ``(K, T)`` of a prepared reference, on disk (safetensors).
 
 The key is the raw audio files' content hashes + the preparation settings (and pipeline version) + the
-engine's ``model_key`` + its ``codec_key`` (the codec's dtype and device: codes encoded in another
-precision or on another device may differ, so they are never reused across them). The transcript is not part of it: the codes depend on the audio only. A hit
+engine's ``model_key`` + its ``codec_key`` (the codec's dtype, device and a fingerprint of its weights:
+codes encoded in another precision, on another device or by other weights may differ, so they are never
+reused across them). The transcript is not part of it: the codes depend on the audio only. A hit
 costs hashing the files and reading one small safetensors file: no decoding, preparation or codec.
 """
 
@@ -45,7 +46,7 @@ class ReferenceCache:
 
     def key(self, files: Sequence[Path], settings: ReferenceSettings, model_key: str, codec_key: str) -> str:
         """The cache key for these audio files, prepared with ``settings``, encoded by ``model_key``'s
-        codec as ``codec_key`` describes it (dtype and device)."""
+        codec as ``codec_key`` describes it (dtype, device, weights)."""
         parts = {
             "format": CACHE_FORMAT,
             "audio": [file_digest(f) for f in files],

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -238,10 +238,16 @@ class Store:
                 self._put_voice(db, session_id, v)
         return session_id
 
-    def put_voice(self, session_id: int, voice: VoiceRecord) -> None:
-        """Add a voice to the session, or replace its reference (a bootstrapped reference, say)."""
+    def put_voice(self, session_id: int, voice: VoiceRecord, unpinned: Sequence[str] = ()) -> None:
+        """Add a voice to the session, or replace its reference (a bootstrapped reference, say); unpin
+        the voices ``unpinned`` in the same transaction."""
         with self.transaction() as db:
+            self._unpin(db, session_id, unpinned)
             self._put_voice(db, session_id, voice)
+
+    def _unpin(self, db: sqlite3.Connection, session_id: int, names: Sequence[str]) -> None:
+        for name in names:
+            db.execute("DELETE FROM voices WHERE session_id = ? AND name = ?", (session_id, name))
 
     def remove_voice(self, session_id: int, name: str) -> None:
         """Unpin a voice (its turns stay)."""
@@ -276,9 +282,10 @@ class Store:
                 db.execute("UPDATE sessions SET voice = ?, updated_at = ? WHERE id = ?", (voice, now(), session_id))
 
     def add_turn(self, session_id: int, turn: TurnRecord, context_start: int | None,
-                 voice: VoiceRecord | None = None) -> int:
+                 voice: VoiceRecord | None = None, unpinned: Sequence[str] = ()) -> int:
         """Store one completed turn and where the context now starts (None: at this turn), in one
-        transaction, with the reference of ``voice`` when this turn became it; returns the turn's seq."""
+        transaction, with the reference of ``voice`` when this turn became it (and the voices it
+        ``unpinned``); returns the turn's seq."""
         blob, k, t = codes_to_blob(turn.codes)
         with self.transaction() as db:
             seq = int(db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM turns WHERE session_id = ?", (session_id,)).fetchone()[0])
@@ -294,6 +301,7 @@ class Store:
                 (stamp, seq if context_start is None else context_start, session_id),
             )
             if voice is not None:
+                self._unpin(db, session_id, unpinned)
                 self._put_voice(db, session_id, voice)
         turn.seq, turn.created_at = seq, stamp
         return seq

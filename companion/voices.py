@@ -335,7 +335,7 @@ class ReferenceEncoder(Protocol):
     """What ``load_voice`` needs from the engine."""
 
     model_key: str
-    codec_key: str  # the codec's dtype and device (part of the reference-cache key)
+    codec_key: str  # the codec's dtype, device and weights (part of the reference-cache key)
 
     def encode(self, audio: np.ndarray) -> torch.Tensor: ...
 

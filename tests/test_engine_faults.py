@@ -192,3 +192,25 @@ def test_a_long_prefill_runs_in_chunks_and_stops_between_them(
     unchunked = fresh(tiny_engine, max_seq_len=1024)
     unchunked.loop.chunk = total
     assert torch.equal(chunked, codes_of(unchunked, long_ref, "Long."))
+
+
+def test_a_cancel_while_a_chunk_is_generated_yields_nothing_more(
+    tiny_engine: Engine, reference, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks are 2, 4, 8 ... frames: a cancel set while the 4th frame is fed (inside the second chunk)
+    yields neither that chunk nor a partial one."""
+    options = GenerationOptions(temperature=0.0, topk=1, max_frames=12)
+    whole = list(fresh(tiny_engine).stream(reference, 0, "Cancel me inside a chunk.", options))
+    assert [c.codes.shape[1] for c in whole] == [2, 4, 6]  # the turn runs past the second chunk
+    cancel = threading.Event()
+
+    engine = fresh(tiny_engine)
+
+    def on_call(index: int) -> None:
+        if index == -1 - 3 * layers(engine):  # the first layer of the 4th frame fed back
+            cancel.set()
+
+    with attention(monkeypatch, Attention(on_call)):
+        chunks = list(engine.stream(reference, 0, "Cancel me inside a chunk.", options, cancel))
+    assert [c.codes.shape[1] for c in chunks] == [2]
+    assert torch.equal(chunks[0].codes, whole[0].codes)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from companion.engine import Engine, GenerationOptions, Segment
-from companion.engine.cuda_graphs import Capture, GraphedFrame
+from companion.engine.cuda_graphs import SELF_CHECK_FRAMES, Capture, GraphedFrame
 from companion.engine.sampling import Sampler
 
 GREEDY = GenerationOptions(temperature=0.0, topk=1, max_frames=8)
@@ -49,21 +49,85 @@ class FailingCapture(Recorder):
 
 
 class CorruptingCapture(Recorder):
-    """A graph with a bug: its replay gets codebook 1 wrong (or, ``raising``, fails)."""
+    """A graph with a bug: its replay gets codebook 1 wrong (or, ``raising``, fails); with
+    ``only_sampled``, only the sampled unit's graph has the bug."""
 
-    def __init__(self, raising: bool = False) -> None:
+    def __init__(self, raising: bool = False, only_sampled: bool = False) -> None:
         super().__init__()
-        self.raising = raising
+        self.raising, self.only_sampled = raising, only_sampled
 
     def record(self, unit: GraphedFrame) -> Callable[[], None]:
         step = super().record(unit)
         codes = unit.loop.decodable_codes or unit.loop.vocab
+        if self.only_sampled and unit.sampler.greedy:
+            return step
 
         def replay() -> None:
             if self.raising:
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")
             step()
             unit.codes[1] = (unit.codes[1] + 1) % codes
+
+        return replay
+
+
+class StaleNoiseCapture(Recorder):
+    """A graph that baked in the noise it saw when recorded instead of reading the noise buffer: right
+    for greedy frames (no noise), wrong for every sampled one."""
+
+    def record(self, unit: GraphedFrame) -> Callable[[], None]:
+        step = super().record(unit)
+        stale = unit.sampler.noise.clone()
+
+        def replay() -> None:
+            fresh, unit.sampler.noise = unit.sampler.noise, stale
+            try:
+                step()
+            finally:
+                unit.sampler.noise = fresh
+
+        return replay
+
+
+class LateFailingCapture(Recorder):
+    """A graph whose replays work through the self-check, then fail from replay ``fail_at`` on (think:
+    the GPU reset under it)."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__()
+        self.fail_at, self.replays = fail_at, 0
+
+    def record(self, unit: GraphedFrame) -> Callable[[], None]:
+        step = super().record(unit)
+
+        def replay() -> None:
+            self.replays += 1
+            if self.replays >= self.fail_at:
+                raise RuntimeError("CUDA error: unspecified launch failure")
+            step()
+
+        return replay
+
+
+class FrozenCapture(Recorder):
+    """As a real CUDA graph does, the replay reads and writes the very tensors that existed when it was
+    recorded: a tensor the code later replaces (instead of filling it in place) is not what it sees."""
+
+    def record(self, unit: GraphedFrame) -> Callable[[], None]:
+        step = super().record(unit)
+        names = [(unit, n) for n in ("hidden", "pos", "codes")]
+        names += [(unit.sampler, n) for n in ("temperature", "topk", "noise", "_ranks")]
+        recorded = [(owner, name, getattr(owner, name)) for owner, name in names]
+
+        def replay() -> None:
+            now = [(owner, name, getattr(owner, name)) for owner, name, _ in recorded]
+            for owner, name, tensor in recorded:
+                setattr(owner, name, tensor)
+            try:
+                step()
+            finally:
+                for owner, name, tensor in now:
+                    setattr(owner, name, tensor)
 
         return replay
 
@@ -132,7 +196,7 @@ def test_a_graph_that_disagrees_with_eager_is_turned_off(
 
 
 def test_temperature_and_topk_changes_neither_capture_nor_prefill(tiny_engine: Engine, reference) -> None:
-    recorder = Recorder()
+    recorder = FrozenCapture()  # temperature and top-k must be changed in the tensors the graph reads
     engine = engine_with(tiny_engine, recorder)
 
     def turn(temperature: float, topk: int) -> torch.Tensor:
@@ -149,13 +213,14 @@ def test_temperature_and_topk_changes_neither_capture_nor_prefill(tiny_engine: E
     # Every turn reuses the whole cached prompt but its last position (no warm-up disturbed it).
     assert prefilled == [1, 1, 1, 1]
     # The values in the device tensors are the ones used: the same settings and seed, the same codes;
-    # other settings give what a fresh engine gives with them.
+    # other settings give what a fresh engine gives with them, graphed or not.
     assert torch.equal(results[(0.9, 50)], warm)
     for settings in [(0.3, 50), (0.9, 7)]:
         assert not torch.equal(results[settings], warm)
-        fresh = engine_with(tiny_engine, Recorder())
-        expected = codes_of(fresh, reference, GenerationOptions(*settings, seed=5, max_frames=6))
-        assert torch.equal(results[settings], expected)
+        for capture in (FrozenCapture(), None):
+            fresh = engine_with(tiny_engine, capture)
+            expected = codes_of(fresh, reference, GenerationOptions(*settings, seed=5, max_frames=6))
+            assert torch.equal(results[settings], expected)
     # Greedy is the second (and last) kind of unit.
     codes_of(engine, reference)
     turn(0.6, 30)
@@ -175,3 +240,54 @@ def test_masked_width_sampling_follows_the_top_k_softmax() -> None:
     assert counts[3] == 0 and counts[4] == 0
     expected = probs[:3] / probs[:3].sum()
     assert torch.allclose(counts[:3] / counts.sum(), expected, atol=0.02)
+
+
+SAMPLED = GenerationOptions(temperature=0.9, topk=50, seed=7, max_frames=48)
+
+
+def test_a_seed_gives_the_same_sampled_codes_with_graphs_on_and_off(tiny_engine: Engine, reference) -> None:
+    """Both paths draw the same noise: 48 seeded sampled frames (float32) are the same codes."""
+    graphed = codes_of(engine_with(tiny_engine, Recorder()), reference, SAMPLED)
+    eager = codes_of(engine_with(tiny_engine, None), reference, SAMPLED)
+    assert graphed.shape == (tiny_engine.num_codebooks, 48)
+    assert torch.equal(graphed, eager)
+    # Another seed is other codes (the seed is used, not ignored).
+    other = codes_of(engine_with(tiny_engine, None), reference, GenerationOptions(0.9, 50, 8, 48))
+    assert not torch.equal(other, eager)
+
+
+@pytest.mark.parametrize("bug", ["codebook 1", "stale noise"])
+def test_the_sampled_unit_is_self_checked_too(
+    tiny_engine: Engine, reference, caplog: pytest.LogCaptureFixture, bug: str
+) -> None:
+    """Only the sampled unit's graph is wrong: the greedy turn keeps graphs on, the first sampled turn's
+    self-check (sampling, with the same noise in both runs) turns them off, and the sampled codes are
+    the eager ones."""
+    corrupt = CorruptingCapture(only_sampled=True) if bug == "codebook 1" else StaleNoiseCapture()
+    engine = engine_with(tiny_engine, corrupt)
+    options = GenerationOptions(temperature=0.9, topk=50, seed=3, max_frames=8)
+    with caplog.at_level(logging.WARNING, logger="companion.engine.cuda_graphs"):
+        greedy = codes_of(engine, reference)
+        assert corrupt.off is None  # the greedy unit is right
+        sampled = codes_of(engine, reference, options)
+    assert torch.equal(greedy, codes_of(engine_with(tiny_engine, None), reference))
+    assert torch.equal(sampled, codes_of(engine_with(tiny_engine, None), reference, options))
+    assert corrupt.off is not None and "self-check" in corrupt.off
+    assert len(caplog.records) == 1 and "\n" not in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("options", [GREEDY, GenerationOptions(0.9, 50, 11, 8)], ids=["greedy", "sampled"])
+def test_a_replay_that_fails_after_the_self_check_turns_graphs_off_and_the_turn_goes_on(
+    tiny_engine: Engine, reference, caplog: pytest.LogCaptureFixture, options: GenerationOptions
+) -> None:
+    late = LateFailingCapture(fail_at=SELF_CHECK_FRAMES + 3)  # the turn's third frame
+    engine = engine_with(tiny_engine, late)
+    with caplog.at_level(logging.WARNING, logger="companion.engine.cuda_graphs"):
+        codes = codes_of(engine, reference, options)
+        replays = late.replays
+        again = codes_of(engine, reference, options)
+    expected = codes_of(engine_with(tiny_engine, None), reference, options)
+    assert torch.equal(codes, expected) and torch.equal(again, expected)
+    assert late.off is not None and "replaying a frame failed" in late.off
+    assert late.replays == replays  # remembered: the next turn replays nothing
+    assert len(caplog.records) == 1 and "\n" not in caplog.records[0].getMessage()

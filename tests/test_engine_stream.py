@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from transformers import CsmForConditionalGeneration
 
 from companion.engine import ContextTooLong, Engine, GenerationOptions, Segment
+from companion.errors import CompanionError
 
 
 def fresh(engine: Engine, max_seq_len: int | None = None) -> Engine:
@@ -105,4 +107,64 @@ def test_mimi_runs_in_float32_whatever_the_model_dtype(tiny_model_dir: Path, tin
     assert model.codec_model.dtype == torch.bfloat16
     engine = Engine(model, tiny_engine.processor, "bf16", max_seq_len=128)
     assert model.codec_model.dtype == torch.float32 and engine.dtype == torch.bfloat16
-    assert engine.codec_key == "mimi float32 cpu"
+    # Upcast from bf16-rounded weights, this codec is not the checkpoint's: it never shares cached codes.
+    assert engine.codec_key.startswith("mimi float32 cpu ") and engine.codec_key != tiny_engine.codec_key
+
+
+def test_a_second_live_stream_is_refused_naming_the_first(tiny_engine: Engine) -> None:
+    """One engine's caches belong to one stream: a second one is refused (never run on shared state),
+    and the first goes on exactly as it would alone."""
+    options = GenerationOptions(temperature=0.0, topk=1, max_frames=12)
+    alone = torch.cat([c.codes for c in fresh(tiny_engine).stream([], 0, "The first stream speaks.", options)], dim=1)
+    engine = fresh(tiny_engine)
+    first = engine.stream([], 0, "The first stream speaks.", options)
+    early = engine.stream([], 1, "Made before the first started.", options)
+    codes = [next(first).codes]  # the first is live from its first step
+    with pytest.raises(CompanionError) as err:
+        engine.stream([], 1, "The second one.", options)
+    message = str(err.value)
+    assert "'The first stream speaks.'" in message and "\n" not in message
+    with pytest.raises(CompanionError, match="The first stream speaks"):
+        next(early)  # a stream made earlier is refused at its first step
+    codes += [c.codes for c in first]
+    assert torch.equal(torch.cat(codes, dim=1), alone)
+    # Finished, closed or dropped, a stream frees the engine.
+    assert len(list(engine.stream([], 0, "Now it is free.", options))) > 0
+    for end in ("close", "drop"):
+        live = engine.stream([], 0, "Stopped early.", options)
+        next(live)
+        if end == "close":
+            live.close()
+        else:
+            del live
+            gc.collect()
+        again = torch.cat([c.codes for c in engine.stream([], 0, "The first stream speaks.", options)], dim=1)
+        assert torch.equal(again, alone)
+
+
+def test_a_bf16_engine_and_a_float32_engine_encode_a_reference_alike(tiny_model_dir: Path, speech_24k) -> None:
+    """The codec keeps the checkpoint's float32 weights whatever the model's dtype: both engines encode
+    the same codes and share the reference cache's key; the rest of the model is exactly a bf16 load."""
+    f32 = Engine.load(str(tiny_model_dir), device="cpu", dtype="float32", max_seq_len=64)
+    bf16 = Engine.load(str(tiny_model_dir), device="cpu", dtype="bfloat16", max_seq_len=64)
+    assert bf16.dtype == torch.bfloat16 and bf16.model.codec_model.dtype == torch.float32
+    clip = speech_24k("narrator.mp3", 3.0)
+    assert torch.equal(f32.encode(clip), bf16.encode(clip))
+    assert f32.codec_key == bf16.codec_key
+    direct = CsmForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    for name, param in direct.named_parameters():
+        if not name.startswith("codec_model."):
+            mine = bf16.model.get_parameter(name)
+            assert mine.dtype == param.dtype and torch.equal(mine, param), name
+
+
+def test_a_top_k_above_the_codes_there_are_is_clamped(tiny_engine: Engine) -> None:
+    """Config allows top-k up to 2051; with fewer codes it means all of them (and the same seed, the same codes)."""
+    vocab = tiny_engine.loop.vocab
+    assert tiny_engine.decodable_codes is None and vocab < 2051  # every code decodable, fewer than 2051
+
+    def codes(topk: int) -> torch.Tensor:
+        options = GenerationOptions(temperature=0.9, topk=topk, seed=4, max_frames=6)
+        return torch.cat([c.codes for c in tiny_engine.stream([], 0, "Any code at all.", options)], dim=1)
+
+    assert torch.equal(codes(2051), codes(vocab))

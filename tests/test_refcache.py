@@ -103,9 +103,9 @@ def test_settings_model_and_codec_are_part_of_the_key_but_not_the_transcript(
         assert not load_voice(profile, counting, ReferenceSettings(), cache).cache_hit
     finally:
         counting.model_key = key
-    # Codes encoded by the codec in another precision or on another device are not reused.
+    # Codes encoded by the codec in another precision, on another device or with other weights are not reused.
     codec = counting.codec_key
-    assert codec == "mimi float32 cpu"
+    assert codec.startswith("mimi float32 cpu ")
     try:
         counting.codec_key = "mimi bfloat16 cuda"
         assert not load_voice(profile, counting, ReferenceSettings(), cache).cache_hit

@@ -15,10 +15,13 @@ graph. ``FrameGraphs`` holds the logic around it, the same on every device:
   so changing them re-captures nothing), all captured into one memory pool;
 - warm-up and capture run at the backbone's scratch position, after the context: the cached prefix is
   never touched;
-- a self-check at each unit's first use: a few greedy frames replayed and run eagerly from the same
-  state (both write only past the cached prefix); any difference turns graphs off;
-- a failed capture or self-check turns graphs off for as long as the ``Capture`` lives (the CUDA one
-  lives as long as the process), with one line saying so; generation goes on eagerly, exactly.
+- a self-check at each unit's first use: a few frames replayed and run eagerly from the same state
+  with the same noise (greedy for the greedy unit; sampled, with the turn's temperature and top-k and a
+  fixed seed, for the sampled one); both write only past the cached prefix; any difference turns graphs
+  off;
+- a failed capture, a failed self-check, or a replay that fails later turns graphs off for as long as
+  the ``Capture`` lives (the CUDA one lives as long as the process), with one line saying so;
+  generation goes on eagerly, exactly (a turn whose replay failed goes on from the frames it has).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from companion.engine.sampling import Sampler
 log = logging.getLogger(__name__)
 
 SELF_CHECK_FRAMES = 3
+SELF_CHECK_SEED = 1234  # the sampled unit's self-check draws its noise from this seed, in both runs
 
 
 def graphs_wanted(device: torch.device) -> bool:
@@ -92,7 +96,10 @@ class GraphedFrame:
             if cancel is not None and cancel.is_set():
                 return
             self.sampler.begin_frame()  # fresh noise for this frame (outside the graph)
-            self.run()
+            try:
+                self.run()
+            except Exception as err:
+                raise _ReplayFailed(f"{type(err).__name__}: {err}") from err
             frame = self.codes.clone()
             if not bool(frame.any()):  # the one host sync per frame
                 return
@@ -101,12 +108,16 @@ class GraphedFrame:
             yield frame
 
 
+class _ReplayFailed(Exception):
+    """A replay raised during a turn (after its self-check passed)."""
+
+
 def new_unit(loop: FrameLoop, greedy: bool) -> GraphedFrame:
     """A unit for one kind of sampling: greedy, or top-k over every decodable code (ranks past the
     configured top-k masked at run time, so one unit serves every temperature and top-k)."""
     sampler = Sampler(
         0.0 if greedy else 1.0, 1 if greedy else 2, 0, loop.device, loop.num_codebooks,
-        loop.decodable_codes, width=loop.decodable_codes or loop.vocab,
+        loop.decodable_codes, width=loop.decodable_codes or loop.vocab, vocab=loop.vocab,
     )  # fmt: skip
     return GraphedFrame(loop, sampler)
 
@@ -185,7 +196,7 @@ class FrameGraphs:
             return None
         if greedy not in self.checked and max_frames > 0:
             try:
-                same = self._self_check(unit, hidden, min(SELF_CHECK_FRAMES, max_frames))
+                same = self._self_check(unit, hidden, min(SELF_CHECK_FRAMES, max_frames), temperature, topk)
             except Exception as err:  # a replay that fails is as bad as one that differs
                 self._turn_off(f"replaying a frame failed in a self-check ({type(err).__name__}: {err})")
                 return None
@@ -194,7 +205,38 @@ class FrameGraphs:
                 return None
             self.checked.add(greedy)
         unit.sampler.configure(temperature, topk, seed)
-        return unit.frames(hidden, max_frames, cancel)
+        return self._replayed(unit, hidden, temperature, topk, seed, max_frames, cancel)
+
+    def _replayed(
+        self,
+        unit: GraphedFrame,
+        hidden: torch.Tensor,
+        temperature: float,
+        topk: int,
+        seed: int | None,
+        max_frames: int,
+        cancel: threading.Event | None,
+    ) -> Iterator[torch.Tensor]:
+        """``unit.frames``; when a replay fails, graphs go off and the turn goes on eagerly from the frames
+        already made: the hidden state after the last recorded frame, and the noise a fresh sampler with
+        the same seed draws after skipping the frames done (so a seeded turn is the same either way)."""
+        made: list[torch.Tensor] = []
+        try:
+            for frame in unit.frames(hidden, max_frames, cancel):
+                made.append(frame)
+                yield frame
+            return
+        except _ReplayFailed as failed:
+            self._turn_off(f"replaying a frame failed ({failed})")
+        loop = self.loop
+        sampler = Sampler(temperature, topk, seed, loop.device, loop.num_codebooks, loop.decodable_codes,
+                          vocab=loop.vocab)
+        for _ in made:
+            sampler.begin_frame()
+        if made:  # the state after the last frame (its keys/values are rewritten with the same values)
+            with torch.no_grad():
+                hidden = loop.backbone.forward(loop.embed_frames(made[-1][None]), loop.length - 1)
+        yield from loop.frames(hidden, sampler, max_frames - len(made), cancel)
 
     def _unit(self, greedy: bool) -> GraphedFrame | None:
         """The unit for this kind of sampling, captured on first use; None (graphs off) if capture fails."""
@@ -209,13 +251,16 @@ class FrameGraphs:
         self.units[greedy] = unit
         return unit
 
-    def _self_check(self, unit: GraphedFrame, hidden: torch.Tensor, frames: int) -> bool:
-        """Whether ``frames`` greedy frames from ``hidden`` are the same replayed and run eagerly. Both
-        write keys/values only at positions after the cached prefix (nothing is recorded)."""
+    def _self_check(
+        self, unit: GraphedFrame, hidden: torch.Tensor, frames: int, temperature: float, topk: int
+    ) -> bool:
+        """Whether ``frames`` frames from ``hidden`` are the same replayed and run eagerly, with the same
+        noise in both (the sampled unit samples with ``temperature`` and ``topk``). Both write keys/values
+        only at positions after the cached prefix (nothing is recorded)."""
         runs = []
         for run in (unit.run, unit.step):
             unit.load(hidden, self.loop.length)
-            unit.sampler.configure(1.0, 1, 0)  # top-1: deterministic whatever the noise
+            unit.sampler.configure(temperature, topk, SELF_CHECK_SEED)  # the greedy unit ignores them
             codes = []
             for _ in range(frames):
                 unit.sampler.begin_frame()

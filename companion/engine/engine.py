@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from companion.engine.cuda_graphs import Capture, FrameGraphs, default_capture
-from companion.engine.errors import ContextTooLong
+from companion.engine.errors import ContextTooLong, EngineBusy
 from companion.engine.frames import FrameLoop
 from companion.engine.loading import load_csm, resolve_model_dir, select_device, select_dtype
 from companion.engine.mimi_stream import MimiStreamDecoder
@@ -61,13 +62,15 @@ class Engine:
         capture = capture if capture is not None else default_capture(self.device)
         self.graphs = FrameGraphs(self.loop, capture) if capture is not None else None
         # Mimi in float32 on every device: bf16 convolutions are slow on CPUs, lose precision on GPUs, and
-        # Mimi is a small share of the weights. Reference codes are cached under ``codec_key``.
+        # Mimi is a small share of the weights (``load`` keeps the checkpoint's float32 codec weights).
+        # Reference codes are cached under ``codec_key``: what the codec is (dtype, device, weights).
         model.codec_model.float()
-        self.codec_key = f"mimi float32 {self.device.type}"
+        self.codec_key = codec_key(model.codec_model)
         self.mimi = MimiStreamDecoder(model.codec_model)
         # Codes >= this cannot be decoded by Mimi: never sample them (None when every code is decodable).
         self.decodable_codes = self.loop.decodable_codes
         self.last_stats = EngineStats()
+        self._live: str | None = None  # the stream being generated (its text), None between streams
 
     @classmethod
     def load(
@@ -123,18 +126,34 @@ class Engine:
         text: str,
         options: GenerationOptions,
         cancel: threading.Event | None = None,
-    ) -> Iterator[AudioChunk]:
+    ) -> Generator[AudioChunk, None, None]:
         """Speak ``text`` as ``speaker`` after ``context``; yield audio chunks while generating.
 
-        Raises ContextTooLong before any work when the prompt and ``options.max_frames`` do not fit.
+        Raises ContextTooLong before any work when the prompt and ``options.max_frames`` do not fit, and
+        EngineBusy when another stream of this engine is live (started, and not yet finished or closed):
+        the caches, the prefix record and the decoder state belong to one stream at a time.
         """
+        if self._live is not None:
+            raise EngineBusy(self._live)
         rows = self.prompt.prompt_rows(context, speaker, text)
         needed = len(rows) + options.max_frames
         if needed > self.max_seq_len:
             raise ContextTooLong(needed, self.max_seq_len, len(rows), options.max_frames)
-        return self._generate(rows, options, cancel)
+        return self._generate(rows, options, cancel, _describe(text))
 
     def _generate(
+        self, rows: torch.Tensor, options: GenerationOptions, cancel: threading.Event | None, name: str
+    ) -> Generator[AudioChunk, None, None]:
+        # The engine is this stream's from its first step until it ends, fails or is closed.
+        if self._live is not None:
+            raise EngineBusy(self._live)
+        self._live = name
+        try:
+            yield from self._speak(rows, options, cancel)
+        finally:
+            self._live = None
+
+    def _speak(
         self, rows: torch.Tensor, options: GenerationOptions, cancel: threading.Event | None
     ) -> Iterator[AudioChunk]:
         stats = self.last_stats = EngineStats(prompt_positions=len(rows))
@@ -158,6 +177,8 @@ class Engine:
                 pending.append(frame)
                 stats.frames += 1
                 stats.ms_per_frame = gen_s * 1000 / stats.frames  # kept current if the caller stops early
+            if cancel is not None and cancel.is_set():
+                return  # a cancelled call yields nothing more, not even the frames already made
             if pending and (frame is None or len(pending) >= want):
                 yield self._chunk(torch.stack(pending, dim=1), stats, start)
                 pending, want = [], next(sizes)
@@ -173,7 +194,8 @@ class Engine:
             graphed = self.graphs.frames(hidden, o.temperature, o.topk, o.seed, o.max_frames, cancel)
             if graphed is not None:
                 return graphed
-        sampler = Sampler(o.temperature, o.topk, o.seed, self.device, self.num_codebooks, self.decodable_codes)
+        sampler = Sampler(o.temperature, o.topk, o.seed, self.device, self.num_codebooks, self.decodable_codes,
+                          vocab=self.loop.vocab)
         return self.loop.frames(hidden, sampler, o.max_frames, cancel)
 
     def _chunk(self, codes: torch.Tensor, stats: EngineStats, start: float) -> AudioChunk:
@@ -189,3 +211,30 @@ class Engine:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _describe(text: str, width: int = 40) -> str:
+    """How a live stream is named in EngineBusy: its text, shortened."""
+    short = " ".join(text.split())
+    return repr(short if len(short) <= width else short[: width - 1] + "\u2026")
+
+
+def codec_key(codec: torch.nn.Module, samples: int = 256) -> str:
+    """What the codec is, for the reference cache: its dtype, device and a fingerprint of its weights.
+
+    The fingerprint hashes every tensor's name, shape and dtype and ``samples`` evenly spaced values of
+    it: codecs with other weights (another checkpoint, or the same one rounded to bf16 and back) differ
+    in nearly every value, so they never share a key; hashing a sample keeps start-up fast."""
+    digest = hashlib.sha256()
+    state = codec.state_dict()
+    picks = []
+    for name, tensor in state.items():
+        flat = tensor.detach().reshape(-1)
+        picks.append(flat[:: max(1, flat.numel() // samples)][:samples].to(torch.float64))
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+    if picks:
+        digest.update(torch.cat(picks).cpu().numpy().tobytes())
+    weight = next((t for t in state.values() if t.is_floating_point()), None)
+    dtype = str(weight.dtype).removeprefix("torch.") if weight is not None else "none"
+    device = weight.device.type if weight is not None else "cpu"
+    return f"mimi {dtype} {device} {digest.hexdigest()[:16]}"

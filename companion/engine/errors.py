@@ -20,3 +20,14 @@ class ContextTooLong(CompanionError):
 
 class ModelLoadError(CompanionError):
     """The model could not be found, downloaded or loaded."""
+
+
+class EngineBusy(CompanionError):
+    """A second stream was started while another one on the same engine is still live."""
+
+    def __init__(self, live: str) -> None:
+        super().__init__(
+            f"this engine is still speaking {live}: finish or close that stream before starting another "
+            "(one engine speaks one stream at a time)"
+        )
+        self.live = live

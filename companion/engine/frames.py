@@ -23,11 +23,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from companion.engine.memory import PREFILL_CHUNK  # positions per prefill forward
 from companion.engine.prompt import NO_TOKEN, common_prefix
 from companion.engine.sampling import Sampler
 from companion.engine.stack import DecoderStack, Stopped
-
-PREFILL_CHUNK = 256  # positions per prefill forward
 
 
 class FrameLoop:

@@ -180,7 +180,11 @@ def load_csm(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[Any,
     hf_logging.disable_progress_bar()
     try:
         processor = CsmProcessor.from_pretrained(path)
-        model = CsmForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+        # Loaded in float32, then every part but the codec cast to ``dtype``: Mimi keeps the checkpoint's
+        # own float32 weights (a codec upcast from bf16-rounded weights encodes references differently).
+        model = CsmForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+        cast_all_but_codec(model, dtype)
+        model = model.to(device)
     except torch.OutOfMemoryError as err:
         raise _out_of_memory(device) from err
     except MemoryError as err:
@@ -195,10 +199,24 @@ def load_csm(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[Any,
     return model.eval(), processor
 
 
+def cast_all_but_codec(model: Any, dtype: torch.dtype) -> None:
+    """Cast the parameters of every part of ``model`` except ``codec_model`` to ``dtype``, in place.
+
+    Only parameters: buffers (the RoPE frequencies in float32) stay as ``from_pretrained(dtype=...)``
+    leaves them, so the result is bit-identical to loading in ``dtype`` directly, codec aside."""
+    if dtype == torch.float32:
+        return
+    for name, child in model.named_children():
+        if name == "codec_model":
+            continue
+        for param in child.parameters():
+            param.data = param.data.to(dtype)
+
+
 def _out_of_memory(device: torch.device) -> ModelLoadError:
     return ModelLoadError(
-        f"not enough memory to load CSM-1B on {device.type} (it needs about 4.5 GB in bfloat16, 9 GB in "
-        "float32): close other programs, use --dtype bfloat16, or another --device"
+        f"not enough memory to load CSM-1B on {device.type} (about 9 GB while it loads; then 4.5 GB in "
+        "bfloat16, 9 GB in float32): close other programs, use --dtype bfloat16, or another --device"
     )
 
 

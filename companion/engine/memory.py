@@ -31,7 +31,7 @@ CSM_1B: dict[str, Any] = {
 CSM_1B_PARAMS = 1_632_100_161  # all of it, Mimi (79.3 M) included
 MIMI_PARAMS = 79_308_609
 PER_POSITION_OVERHEAD = 1536  # bytes: the engine's per-position views into its RoPE tables (measured ~600 B each)
-PREFILL_CHUNK = 512  # positions a prefill attends at once (the estimate of its score matrix)
+PREFILL_CHUNK = 256  # positions a prefill attends at once (frames.py prefills in chunks of this size)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "F32": 4, "BF16": 2, "F16": 2, "F64": 8, "I64": 8,
                "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}  # fmt: skip
 

@@ -22,6 +22,11 @@ class Sampler:
 
     ``codes`` limits the candidates to the codes Mimi can decode: csm-1b's audio vocabulary has 2051
     entries but Mimi only 2048 codes (the last 3 are never right to emit, and would crash the decoder).
+    ``vocab`` is the logits' width: a top-k above the candidates there are is clamped to them.
+
+    The same seed gives the same codes whatever the width: every sampler draws one uniform per candidate
+    `(K, codes or vocab)` each frame and ranks ``r`` uses the uniform in column ``r``, so the eager path
+    (exactly k ranked) and a graph's (every candidate ranked, ranks past k masked) add the same noise.
     """
 
     def __init__(
@@ -33,19 +38,24 @@ class Sampler:
         num_codebooks: int,
         codes: int | None = None,
         width: int | None = None,
+        vocab: int | None = None,
     ) -> None:
         self.greedy = temperature <= 0.0 or topk <= 1
         self.codes = codes
         self.generator = torch.Generator(device=device)
+        known = [c for c in (codes, vocab) if c]
+        candidates = min(known) if known else None  # codes a logit row may give
         if self.greedy:
             self.width = 1
         else:
-            self.width = width if width is not None else min(topk, codes or topk)
+            self.width = width if width is not None else min(topk, candidates or topk)
         self.masked = width is not None and not self.greedy  # ranks beyond top-k are masked at run time
         self.temperature = torch.ones((), dtype=torch.float32, device=device)
         self.topk = torch.full((), self.width, dtype=torch.long, device=device)
         self._ranks = torch.arange(self.width, device=device)  # (width,)
-        self.noise = torch.full((num_codebooks, self.width), 0.5, device=device)  # (K, width) uniforms
+        # (K, candidates) uniforms, one per rank a code may have (the same draw whatever ``width`` is).
+        columns = self.width if self.greedy else max(self.width, candidates or 0)
+        self.noise = torch.full((num_codebooks, columns), 0.5, device=device)
         self.row = 0
         self.configure(temperature, topk, seed)
 
@@ -73,7 +83,7 @@ class Sampler:
             return logits.argmax(dim=-1)
         # Rank the best logits, scale by the temperature, add Gumbel noise, take the best of the top k.
         values, indices = torch.topk(logits.to(torch.float32), self.width, dim=-1)
-        scores = values / self.temperature - torch.log(-torch.log(self.noise[row]))
+        scores = values / self.temperature - torch.log(-torch.log(self.noise[row, : self.width]))
         if self.masked:
             scores = scores.masked_fill(self._ranks >= self.topk, float("-inf"))
         choice = scores.argmax(dim=-1, keepdim=True)

@@ -10,6 +10,11 @@ down to ``prune_to`` of what turns may use (``budget - references``), not just b
 turn dropped shifts the positions of all turns after it, so the engine must prefill them again; dropping
 a batch at once makes that full re-prefill happen once every several turns instead of every turn.
 References are never dropped: a reference that cannot fit is refused when its voice is added.
+
+Every change is planned first and applied only when the work it serves has succeeded: ``plan_fit`` and
+``plan_pin`` change nothing; the session speaks with the planned context and, once the segment is kept
+(and stored), applies the plan with ``drop`` / ``pin``. ``version`` counts the changes, so a segment that
+finishes after the conversation changed under it (a ``$CLEAR$`` while it was abandoned, say) is not kept.
 """
 
 from __future__ import annotations
@@ -84,6 +89,7 @@ class Context:
         self.frame_rate = frame_rate
         self.voices: dict[str, Voice] = {}
         self.turns: deque[Turn] = deque()
+        self.version = 0  # +1 on every change of voices or turns
 
     # ---- voices ---------------------------------------------------------------------------------
 
@@ -91,27 +97,37 @@ class Context:
         """Add or replace ``voice``. When its reference does not fit beside the other voices' the
         voices loaded earliest are unpinned (their turns stay, as turns); a reference that cannot fit
         even alone is refused. Returns the names of the voices unpinned."""
-        seg = voice.segment()
-        voice.positions = self.positions(seg) if seg is not None else 0
-        room = self.max_seq_len - reserve - MIN_TEXT_POSITIONS
-        if voice.positions > room:
-            raise CompanionError(self._refusal(voice, room))
-        others = [n for n in self.voices if n != voice.name]
-        evicted = []
-        while voice.positions + sum(self.voices[n].positions for n in others) > room:
-            evicted.append(others.pop(0))
+        evicted = self.plan_pin(voice, reserve)
+        voice.positions = self._reference_positions(voice)
         for name in evicted:
             del self.voices[name]
         self.voices[voice.name] = voice
+        self.version += 1
         return evicted
 
-    def _refusal(self, voice: Voice, room: int) -> str:
+    def plan_pin(self, voice: Voice, reserve: int) -> list[str]:
+        """The voices ``pin(voice, reserve)`` would unpin (refused as ``pin`` refuses); changes nothing."""
+        positions = self._reference_positions(voice)
+        room = self.max_seq_len - reserve - MIN_TEXT_POSITIONS
+        if positions > room:
+            raise CompanionError(self._refusal(voice, positions, room))
+        others = [n for n in self.voices if n != voice.name]
+        evicted = []
+        while positions + sum(self.voices[n].positions for n in others) > room:
+            evicted.append(others.pop(0))
+        return evicted
+
+    def _reference_positions(self, voice: Voice) -> int:
+        seg = voice.segment()
+        return self.positions(seg) if seg is not None else 0
+
+    def _refusal(self, voice: Voice, positions: int, room: int) -> str:
         assert voice.codes is not None
         frames = int(voice.codes.shape[-1])
         duration = frames / self.frame_rate
-        fit_s = longest_reference_seconds(frames, voice.positions, room, self.frame_rate)
+        fit_s = longest_reference_seconds(frames, positions, room, self.frame_rate)
         return (
-            f"voice '{voice.name}': its reference ({duration:.1f} s, {voice.positions} positions) "
+            f"voice '{voice.name}': its reference ({duration:.1f} s, {positions} positions) "
             f"does not fit the context ({self.max_seq_len} positions, {room} left after the reply's frames): "
             f"use a reference of at most {fit_s:.1f} s, or raise context.max_seq_len in config.yaml"
         )
@@ -126,10 +142,20 @@ class Context:
 
     def append(self, turn: Turn) -> None:
         self.turns.append(turn)
+        self.version += 1
 
     def clear(self) -> None:
         """Forget the conversation; the voices and their references stay."""
         self.turns.clear()
+        self.version += 1
+
+    def drop(self, turns: list[Turn]) -> None:
+        """Drop ``turns``, the oldest ones as ``plan_fit`` returned them."""
+        for turn in turns:
+            assert self.turns and self.turns[0] is turn, "drop() takes the oldest turns, in order"
+            self.turns.popleft()
+        if turns:
+            self.version += 1
 
     def used(self) -> int:
         """Positions of references + turns (what the next prompt holds before its text)."""
@@ -165,8 +191,14 @@ class Context:
         return refs + int(self.prune_to * max(0, budget - refs))
 
     def fit(self, reserve: int, text_positions: int) -> list[Turn]:
-        """When the prompt does not fit, drop the oldest turns down to the low-water mark; returns the
-        dropped turns (none when it fits).
+        """``plan_fit``, applied: the oldest turns dropped down to the low-water mark; returns them."""
+        dropped = self.plan_fit(reserve, text_positions)
+        self.drop(dropped)
+        return dropped
+
+    def plan_fit(self, reserve: int, text_positions: int) -> list[Turn]:
+        """The oldest turns to drop, down to the low-water mark, when the prompt does not fit (none when
+        it fits). Changes nothing: ``drop`` applies it once the segment is kept.
 
         Raises CompanionError when the references and the text alone do not fit (the caller splits the text).
         """
@@ -178,18 +210,20 @@ class Context:
         if used <= budget:
             return dropped
         target = self.low_water(budget)
-        while used > target:
-            turn = self.turns.popleft()
+        for turn in self.turns:
+            if used <= target:
+                break
             used -= turn.positions
             dropped.append(turn)
         return dropped
 
-    def segments(self) -> list[Segment]:
-        """The prompt's context: references, then turns."""
-        return self.references() + [t.segment() for t in self.turns]
+    def segments(self, skip: int = 0) -> list[Segment]:
+        """The prompt's context: references, then the turns (without the ``skip`` oldest)."""
+        return self.references() + [t.segment() for t in list(self.turns)[skip:]]
 
-    def first_seq(self) -> int | None:
-        return self.turns[0].seq if self.turns else None
+    def first_seq(self, skip: int = 0) -> int | None:
+        """The seq of the oldest turn (after the ``skip`` oldest), None without one."""
+        return self.turns[skip].seq if len(self.turns) > skip else None
 
     def report(self, reserve: int) -> list[ContextRow]:
         """What is in memory and its cost, in prompt order, then the frames reserved for the reply."""

@@ -2,10 +2,12 @@
 
 Speaking a line: ``$CLEAR$`` clears; otherwise the line is split into parts (``name: text``,
 ``a || b``), each part is normalized and segmented (companion.text), and each segment is generated
-in order: when the prompt does not fit, prune the oldest turns with slack (``context.prune_to``),
-stream the audio, then keep the segment as a turn (in memory and, in one transaction, in the history
-database). A cancelled segment is neither
-kept nor stored, and the turns pruned for it come back.
+in order: when the prompt does not fit, plan to prune the oldest turns with slack
+(``context.prune_to``), stream the audio with the planned context, then keep the segment: first in the
+history database (one transaction: the turn and where the context now starts), then in memory (the
+prune applied, the turn appended). Nothing changes before that: a cancelled, failed or abandoned
+segment (even one finalised later, after a ``$CLEAR$``) leaves memory and history as they were, and a
+segment that finishes after the conversation changed under it is not kept.
 
 A voice without reference audio gets one: its first segment is generated with no context and a fixed
 seed, pinned as its reference, and saved with its profile (WAV + transcript, and the exact codes in
@@ -22,6 +24,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Iterator
+from contextlib import closing
 from typing import Any
 
 import numpy as np
@@ -90,14 +93,13 @@ class Session:
         taken = {v.speaker for v in self.context.voices.values() if v.name != voice.name}
         while voice.speaker in taken:  # every voice in a session needs its own speaker id
             voice.speaker += 1
-        evicted = self.context.pin(voice, self.max_frames())
+        evicted = self.context.plan_pin(voice, self.max_frames())
+        if self.store is not None and self.session_id is not None:  # history first, then memory
+            self.store.put_voice(self.session_id, _record(voice), unpinned=evicted)
+        self.context.pin(voice, self.max_frames())
         if self.active in evicted:
             self.active = voice.name
         self.active = self.active or voice.name
-        if self.store is not None and self.session_id is not None:
-            for name in evicted:
-                self.store.remove_voice(self.session_id, name)
-            self.store.put_voice(self.session_id, _record(voice))
         return voice
 
     def _voice(self, name: str) -> Voice:
@@ -200,37 +202,38 @@ class Session:
                        typed: str | None = None) -> Iterator[np.ndarray]:
         opts = self.options(voice)
         bootstrap = voice.codes is None
+        version = self.context.version  # the conversation this segment is spoken after
+        dropped: list[Turn] = []
         if bootstrap:  # no context: the voice must not depend on what was said before
             opts = dataclasses.replace(opts, seed=self._bootstrap_seed(voice, opts), max_frames=self._bootstrap_frames(voice, text))
-            context, dropped = [], []
-        else:
-            dropped = self.context.fit(opts.max_frames, self.engine.text_positions(voice.speaker, text))
-            context = self.context.segments()
+            context: list[Segment] = []
+        else:  # planned only: the prune is applied when the segment is kept
+            dropped = self.context.plan_fit(opts.max_frames, self.engine.text_positions(voice.speaker, text))
+            context = self.context.segments(skip=len(dropped))
         marker = output_marker(self.settings)
         start, first_ms = time.perf_counter(), None
         codes: list[torch.Tensor] = []
         heard: list[np.ndarray] = []
         completed = False
         try:
-            for chunk in self.engine.stream(context, voice.speaker, text, opts, cancel):
-                codes.append(chunk.codes)
-                audio = marker(chunk.audio) if marker is not None else chunk.audio
-                first_ms = first_ms if first_ms is not None else (time.perf_counter() - start) * 1000
-                heard.append(audio)
-                self._reply.append(audio)
-                yield audio
+            with closing(self.engine.stream(context, voice.speaker, text, opts, cancel)) as stream:
+                for chunk in stream:
+                    codes.append(chunk.codes)
+                    audio = marker(chunk.audio) if marker is not None else chunk.audio
+                    first_ms = first_ms if first_ms is not None else (time.perf_counter() - start) * 1000
+                    heard.append(audio)
+                    self._reply.append(audio)
+                    yield audio
             completed = cancel is None or not cancel.is_set()
         finally:
             stats = self._stats(voice, text, codes, start, first_ms, len(dropped), not completed, bootstrap)
-            if not completed:  # cancelled or abandoned: nothing kept, the pruned turns come back
-                self.context.turns.extendleft(reversed(dropped))
-        if not completed or stats.frames == 0:
-            return  # cancelled, or the model ended at once: nothing to keep
+        if not completed or stats.frames == 0 or self.context.version != version:
+            return  # cancelled, the model ended at once, or the conversation changed meanwhile: not kept
         all_codes = torch.cat(codes, dim=1)
         if bootstrap:
             self._adopt_reference(voice, text, all_codes, np.concatenate(heard), stats, typed)
         else:
-            self._keep_turn(voice, text, all_codes, stats, typed)
+            self._keep_turn(voice, text, all_codes, stats, typed, dropped)
         self.log.append(np.concatenate(heard))
 
     def _stats(self, voice: Voice, text: str, codes: list[torch.Tensor], start: float, first_ms: float | None,
@@ -260,30 +263,36 @@ class Session:
             )
         return min(self.max_frames(), room)
 
-    def _keep_turn(self, voice: Voice, text: str, codes: torch.Tensor, stats: TurnStats, typed: str | None = None) -> None:
+    def _keep_turn(self, voice: Voice, text: str, codes: torch.Tensor, stats: TurnStats, typed: str | None,
+                   dropped: list[Turn]) -> None:
+        """Keep a spoken segment: stored first (with where the context starts once ``dropped`` are gone),
+        then in memory (``dropped`` dropped, the turn appended)."""
         seq = self._next_seq
         if self.store is not None:
             record = TurnRecord(voice.name, voice.speaker, text, codes, first_audio_ms=stats.first_audio_ms, rtf=stats.rtf,
                                 typed=typed)
-            seq = self.store.add_turn(self._session_id(), record, self.context.first_seq())
+            seq = self.store.add_turn(self._session_id(), record, self.context.first_seq(skip=len(dropped)))
         seg = Segment(voice.speaker, text, codes)
+        self.context.drop(dropped)
         self.context.append(Turn(seq, voice.name, voice.speaker, text, codes, self.engine.segment_positions(seg)))
         self._next_seq = seq + 1
 
     def _adopt_reference(self, voice: Voice, text: str, codes: torch.Tensor, audio: np.ndarray, stats: TurnStats,
                          typed: str | None = None) -> None:
-        """Pin a bootstrap segment as the voice's reference; record it; save it with the profile."""
-        voice.codes, voice.transcript = codes, text
-        evicted = self.context.pin(voice, self.max_frames())
-        if self.active in evicted:
-            self.active = voice.name
+        """Pin a bootstrap segment as the voice's reference: recorded first, then in memory; then saved
+        with the profile."""
+        adopted = dataclasses.replace(voice, codes=codes, transcript=text)
+        evicted = self.context.plan_pin(adopted, self.max_frames())
         seq = self._next_seq
         if self.store is not None:
-            for name in evicted:
-                self.store.remove_voice(self._session_id(), name)
             record = TurnRecord(voice.name, voice.speaker, text, codes, kind="reference",
                                 first_audio_ms=stats.first_audio_ms, rtf=stats.rtf, typed=typed)
-            seq = self.store.add_turn(self._session_id(), record, self.context.first_seq(), voice=_record(voice))
+            seq = self.store.add_turn(self._session_id(), record, self.context.first_seq(), voice=_record(adopted),
+                                      unpinned=evicted)
+        voice.codes, voice.transcript = codes, text
+        self.context.pin(voice, self.max_frames())
+        if self.active in evicted:
+            self.active = voice.name
         self._next_seq = seq + 1
         if self.voice_store is not None and voice.profile is not None:
             self._save_reference(voice, text, codes, audio)
