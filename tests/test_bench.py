@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ THREADS_BEFORE = torch.get_num_threads()
 def bench_json(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     argv = ["bench", "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32"]
-    assert main([*argv, "--frames", "3", "--repeats", "1", "--threads", "1", "--json", str(out)]) == 0
+    assert main([*argv, "--frames", "3", "--repeats", "3", "--threads", "1", "--json", str(out)]) == 0
     return json.loads(out.read_text(encoding="utf-8"))
 
 
@@ -55,7 +56,10 @@ def test_bench_values_are_sane(bench_json: dict) -> None:
     # The floor is bytes / bandwidth, and the ratios follow from the numbers.
     assert f["ms_per_frame"] == pytest.approx(f["weight_bytes_per_frame"] / (f["bandwidth_gbps"] * 1e6))
     assert len(f["bandwidth_gbps_samples"]) == 3 and f["bandwidth_gbps"] == max(f["bandwidth_gbps_samples"])
-    assert bench_json["ratios"]["engine_over_baseline"] == pytest.approx(e["ms_per_frame"] / b["ms_per_frame"])
+    pairs = bench_json["ratios"]["engine_over_baseline_pairs"]
+    runs = zip(e["ms_per_frame_runs"], b["ms_per_frame_runs"], strict=True)
+    assert pairs == pytest.approx([a / b for a, b in runs])  # pair by pair, in the order they ran
+    assert bench_json["ratios"]["engine_over_baseline"] == statistics.median(pairs)
     assert bench_json["ratios"]["engine_over_floor"] == pytest.approx(e["ms_per_frame"] / f["ms_per_frame"])
 
 
@@ -101,3 +105,28 @@ def test_bad_arguments_are_one_line_errors(argv: list[str], message: str, capsys
     assert main(["bench", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_the_engine_and_the_baseline_are_measured_in_interleaved_pairs(tiny_engine) -> None:
+    """Each pair is an engine run and the baseline run right after it; the headline is their median."""
+    from companion.engine import bench
+
+    order: list[str] = []
+    real_engine_run, real_baseline = bench.engine_run, bench.baseline_ms_per_frame
+
+    def engine_run(*args, **kwargs):
+        order.append("engine")
+        return real_engine_run(*args, **kwargs)
+
+    def baseline(*args, **kwargs):
+        order.append("baseline")
+        return real_baseline(*args, **kwargs)
+
+    opts = bench.BenchOptions(frames=3, repeats=3)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench, "engine_run", engine_run)
+        patch.setattr(bench, "baseline_ms_per_frame", baseline)
+        eng, base, pairs, _ = bench.speed_pairs(tiny_engine, bench.reference(tiny_engine, 20), opts, lambda t: None)
+    assert order == ["engine", "baseline"] * 4  # the warm-ups, then three pairs
+    runs = zip(eng["ms_per_frame_runs"], base["ms_per_frame_runs"], strict=True)
+    assert pairs == [a / b for a, b in runs]

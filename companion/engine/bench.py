@@ -13,8 +13,11 @@ What the numbers mean:
 - ``engine.first_audio_ms_cold``: from ``stream()`` to the first audio chunk with the 2-minute
   reference not yet cached (its whole prefill included); ``..._cached``: the same with it cached;
 - ``engine.prefill_ms_ref10s`` / ``_ref120s``: prefill of a turn after the cached reference prefix;
-- ``floor``: see ``companion.engine.floor``.
-Every timing is the best of ``repeats`` runs (other load on a shared machine only ever adds time);
+- ``floor``: see ``companion.engine.floor``;
+- ``ratios.engine_over_baseline``: the median of ``repeats`` pairs, each an engine run and the baseline
+  run right after it (A B A B ...), so load that comes and goes on a busy machine hits both sides of a
+  pair alike; ``ratios.engine_over_baseline_pairs`` keeps every pair's ratio.
+Every other timing is the best of ``repeats`` runs (other load on a shared machine only ever adds time);
 ``*_runs`` keep all of them.
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -309,16 +313,22 @@ def random_engine(
 # ---- the whole bench ------------------------------------------------------------------------------
 
 
-def engine_section(
-    engine: Engine, short_ref: Segment, long_ref: Segment, opts: BenchOptions, log: Callable[[str], None]
-) -> tuple[dict[str, Any], torch.Tensor]:
-    """The engine's numbers (speed, prefill, first audio, memory) and the codes of its best speed run."""
-    if engine.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(engine.device)
-    # Step 1: warm up, then speed on the 10 s reference prompt.
-    log("engine: speed")
-    engine_run(engine, [], TURNS[0], 2, opts)
-    runs = [engine_run(engine, [short_ref], TURNS[0], opts.frames, opts, seed=i) for i in range(opts.repeats)]
+def speed_pairs(
+    engine: Engine, short_ref: Segment, opts: BenchOptions, log: Callable[[str], None]
+) -> tuple[dict[str, Any], dict[str, Any], list[float], torch.Tensor]:
+    """Speed on the 10 s reference prompt, the engine and the baseline interleaved (A B A B ...).
+
+    Returns the engine's numbers, the baseline's, each pair's engine / baseline ratio, and the codes of
+    the engine's best run."""
+    log("speed: the engine and transformers' generate, interleaved")
+    engine_run(engine, [], TURNS[0], 2, opts)  # warm-ups
+    baseline_ms_per_frame(engine, [short_ref], TURNS[0], BenchOptions(2, 1, opts.temperature, opts.topk), warm_up=False)
+    runs, baseline_runs, pairs = [], [], []
+    for i in range(opts.repeats):
+        runs.append(engine_run(engine, [short_ref], TURNS[0], opts.frames, opts, seed=i))
+        baseline_runs.append(baseline_ms_per_frame(engine, [short_ref], TURNS[0], opts, warm_up=False))
+        pairs.append(runs[-1][0].ms_per_frame / baseline_runs[-1])
+        log(f"speed: pair {i + 1} of {opts.repeats}: engine / generate {pairs[-1]:.3f}")
     stats, codes = min(runs, key=lambda run: run[0].ms_per_frame)
     decode_ms = min(s.decode_ms / max(s.frames, 1) for s, _ in runs)
     eng: dict[str, Any] = {
@@ -328,18 +338,30 @@ def engine_section(
         "mimi_decode_ms_per_frame": decode_ms,
         "ms_per_frame_runs": [s.ms_per_frame for s, _ in runs],
     }
-    # Step 2: turn prefill after a cached 10 s and 120 s reference; first audio with the 120 s one.
+    baseline = {"ms_per_frame": min(baseline_runs), "ms_per_frame_runs": baseline_runs}
+    return eng, baseline, pairs, codes
+
+
+def engine_section(
+    engine: Engine, short_ref: Segment, long_ref: Segment, opts: BenchOptions, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """The engine's prefill, first-audio and memory numbers."""
+    if engine.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(engine.device)
+    engine_run(engine, [], TURNS[0], 2, opts)  # warm-up
+    eng: dict[str, Any] = {}
+    # Step 1: turn prefill after a cached 10 s and 120 s reference; first audio with the 120 s one.
     log("engine: prefill after a cached 10 s reference")
     eng["prefill_ms_ref10s"], eng["prefill_positions_ref10s"] = prefill_after_prefix(engine, short_ref, opts)
     log("engine: first audio with a 2-minute reference (cold, then cached)")
     eng.update(first_audio(engine, long_ref, opts))
     log("engine: prefill after a cached 120 s reference")
     eng["prefill_ms_ref120s"], eng["prefill_positions_ref120s"] = prefill_after_prefix(engine, long_ref, opts)
-    # Step 3: memory so far (the baseline has not run yet).
+    # Step 2: memory so far (the baseline has not run yet).
     cuda = engine.device.type == "cuda"
     eng["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(engine.device) / 2**20 if cuda else None
     eng["peak_rss_mb"] = peak_rss_mb()
-    return eng, codes
+    return eng
 
 
 def floor_section(engine: Engine, bandwidths: list[float]) -> dict[str, Any]:
@@ -361,18 +383,18 @@ def run_bench(engine: Engine, model_label: str, opts: BenchOptions, log: Callabl
     # The bandwidth is sampled at the start, middle and end: other load only ever lowers it.
     log("floor: weight-streaming bandwidth")
     bandwidths = [measure_bandwidth(engine.device, engine.dtype)]
-    eng, codes = engine_section(engine, short_ref, long_ref, opts, log)
+    eng = engine_section(engine, short_ref, long_ref, opts, log)
     bandwidths.append(measure_bandwidth(engine.device, engine.dtype))
-    out: dict[str, Any] = {"engine": eng}
+    speed, baseline, pairs, codes = speed_pairs(engine, short_ref, opts, log)
+    eng.update(speed)
+    out: dict[str, Any] = {"engine": eng, "baseline": baseline}
     if codes.shape[1]:
         out["mimi"] = mimi_timings(engine, codes)
-    log("baseline: transformers generate")
-    runs = [baseline_ms_per_frame(engine, [short_ref], TURNS[0], opts, warm_up=i == 0) for i in range(opts.repeats)]
-    out["baseline"] = {"ms_per_frame": min(runs), "ms_per_frame_runs": runs}
     bandwidths.append(measure_bandwidth(engine.device, engine.dtype))
     out["floor"] = floor_section(engine, bandwidths)
     out["ratios"] = {
-        "engine_over_baseline": eng["ms_per_frame"] / out["baseline"]["ms_per_frame"],
+        "engine_over_baseline": statistics.median(pairs),
+        "engine_over_baseline_pairs": pairs,
         "engine_over_floor": eng["ms_per_frame"] / out["floor"]["ms_per_frame"],
         "prefill_ref120s_over_ref10s": eng["prefill_ms_ref120s"] / max(eng["prefill_ms_ref10s"], 1e-9),
     }
