@@ -18,6 +18,8 @@ and the JSON file is rewritten after every section, so a run cut short keeps wha
    path's. ``eager_vs_transformers`` compares the eager engine with transformers' own ``generate``
    (greedy) on the same prompt: the size of the difference that bfloat16 alone makes between two
    correct implementations (every exactness section has it).
+   ``sampled``: the same for sampled frames (temperature 0.9, top-k 50, one seed): both paths draw the
+   same noise, so in float32 the codes must be equal (in bfloat16 they may part where greedy does).
    ``teacher_forced``: along the eager greedy frames, codebook-0 logits of the eager step and of the
    graph's step (run eagerly), each against a float32 copy of the model: whether the graph's step is
    as close to float32 as the eager one (the divergence above is then bfloat16 rounding, not a bug).
@@ -66,6 +68,14 @@ def greedy_codes(engine: Engine, context: list, frames: int) -> torch.Tensor:
     """`(n, K)` greedy frames for TURNS[0] after ``context`` (on a cold cache)."""
     engine.loop.reset()
     options = GenerationOptions(temperature=0.0, topk=1, seed=0, max_frames=frames)
+    chunks = [c.codes for c in engine.stream(context, 0, TURNS[0], options)]
+    return torch.cat(chunks, dim=1).T if chunks else torch.zeros(0, engine.num_codebooks, dtype=torch.long)
+
+
+def sampled_codes(engine: Engine, context: list, frames: int, seed: int = 7) -> torch.Tensor:
+    """`(n, K)` seeded sampled frames for TURNS[0] after ``context`` (on a cold cache)."""
+    engine.loop.reset()
+    options = GenerationOptions(temperature=0.9, topk=50, seed=seed, max_frames=frames)
     chunks = [c.codes for c in engine.stream(context, 0, TURNS[0], options)]
     return torch.cat(chunks, dim=1).T if chunks else torch.zeros(0, engine.num_codebooks, dtype=torch.long)
 
@@ -180,6 +190,10 @@ def graphed_check(engine: Engine, capture: Capture, frames: int) -> dict[str, An
     }
     out["exactness"] = exactness(engine, eager_twin(engine), context, frames)
     out["exactness"]["graphs_on"] = capture.off is None
+    # Sampled: the sampled unit's self-check runs in its first turn; then graphed vs eager, one seed.
+    out["sampled"] = agreement(sampled_codes(engine, context, frames), sampled_codes(eager_twin(engine), context, frames))
+    out["sampled"]["graphs_on"] = capture.off is None
+    out["self_check"]["units"] = sorted("greedy" if greedy else "sampled" for greedy in engine.graphs.units)
     return out
 
 

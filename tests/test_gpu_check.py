@@ -32,6 +32,8 @@ def test_dry_run_runs_every_section(tmp_path: Path) -> None:
     for part in (result["tiny"], result["float32"], result):
         assert part["exactness"]["equal"] and part["exactness"]["frames"] == 8
         assert part["exactness"]["eager_vs_transformers"]["equal"]
+        assert part["sampled"]["equal"] and part["sampled"]["frames"] == 8 and part["sampled"]["graphs_on"]
+        assert part["self_check"]["units"] == ["greedy", "sampled"]
     forced = result["teacher_forced"]
     assert forced["frames"] == 8
     for step in ("eager_step", "graph_step", "graph_step_float32"):
