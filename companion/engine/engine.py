@@ -230,10 +230,10 @@ def codec_key(codec: torch.nn.Module, samples: int = 256) -> str:
     picks = []
     for name, tensor in state.items():
         flat = tensor.detach().reshape(-1)
-        picks.append(flat[:: max(1, flat.numel() // samples)][:samples].to(torch.float64))
+        picks.append(flat[:: max(1, flat.numel() // samples)][:samples].cpu().to(torch.float64))  # MPS has no float64
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
     if picks:
-        digest.update(torch.cat(picks).cpu().numpy().tobytes())
+        digest.update(torch.cat(picks).numpy().tobytes())
     weight = next((t for t in state.values() if t.is_floating_point()), None)
     dtype = str(weight.dtype).removeprefix("torch.") if weight is not None else "none"
     device = weight.device.type if weight is not None else "cpu"
