@@ -12,7 +12,7 @@ import torch
 
 from companion.engine import Segment
 from companion.errors import CompanionError
-from companion.session import Context, TextTooLong, Turn, Voice
+from companion.session import Context, ContextRow, TextTooLong, Turn, Voice
 from companion.session.context import MIN_TEXT_POSITIONS
 
 
@@ -118,3 +118,64 @@ def test_the_report_counts_the_turns_it_will_drop_at_the_mark() -> None:
     assert [r.what.split()[1] for r in rows[1:-2]] == [str(i) for i in range(11, 20)]
     assert rows[-2].what == "10 older turn(s): no longer fit, dropped at the next reply"
     assert rows[-1].positions == 0 and rows[-1].what == "reserved for the next reply"
+
+
+def test_the_report_names_every_row_exactly_and_pins_only_references() -> None:
+    """Lengths in seconds at 12.5 frames/s; a text of 40 characters is shown whole, one of 41 is cut."""
+    ctx = Context(1000, frames)
+    ctx.pin(Voice("guest", 0, "ref", codes(25)), reserve=0)
+    ctx.append(Turn(1, "guest", 0, "z" * 40, codes(50), 50))
+    ctx.append(Turn(2, "host", 1, "x" * 40 + "y", codes(5), 5))
+    assert ctx.report(30) == [
+        ContextRow("reference guest (2.0 s)", 25, True),
+        ContextRow(f"turn 1 guest: {'z' * 40} (4.0 s)", 50, False),
+        ContextRow(f"turn 2 host: {'x' * 39}\u2026 (0.4 s)", 5, False),
+        ContextRow("reserved for the next reply", 30, False),
+    ]
+    assert ctx.report(921) == [  # 1 position over: down to 25 + int(0.6 * 54) = 57, so turn 1 goes
+        ContextRow("reference guest (2.0 s)", 25, True),
+        ContextRow(f"turn 2 host: {'x' * 39}\u2026 (0.4 s)", 5, False),
+        ContextRow("1 older turn(s): no longer fit, dropped at the next reply", 0, False),
+        ContextRow("reserved for the next reply", 921, False),
+    ]
+
+
+def test_the_prompt_is_the_references_then_the_turns_oldest_first() -> None:
+    ctx = context(0)
+    assert ctx.first_seq() is None
+    ctx.pin(Voice("host", 1, "host words", codes(7)), reserve=0)
+    ctx.append(Turn(4, "v", 0, "first", codes(3), 3))
+    ctx.append(Turn(5, "host", 1, "second", codes(2), 2))
+    got = [(s.speaker, s.text, tuple(s.codes.shape)) for s in ctx.segments()]
+    assert got == [(0, "ref", (32, 100)), (1, "host words", (32, 7)), (0, "first", (32, 3)), (1, "second", (32, 2))]
+    assert ctx.first_seq() == 4
+
+
+def test_a_voice_without_a_transcript_has_no_reference_and_costs_nothing() -> None:
+    ctx = Context(1000, frames)
+    assert ctx.pin(Voice("new", 0, None, codes(10)), reserve=0) == []
+    assert ctx.voices["new"].positions == 0 and ctx.references() == [] and ctx.reference_positions() == 0
+    ctx.pin(Voice("bare", 1, "words", None), reserve=0)
+    assert ctx.voices["bare"].positions == 0 and ctx.references() == []
+
+
+def test_a_refused_reference_says_how_long_it_is_and_what_fits() -> None:
+    room = 1000 - 40 - MIN_TEXT_POSITIONS
+    ctx = Context(1000, frames)
+    with pytest.raises(CompanionError) as err:
+        ctx.pin(Voice("big", 0, "ref", codes(room + 25)), reserve=40)
+    assert f"its reference ({(room + 25) / 12.5:.1f} s, {room + 25} positions)" in str(err.value)
+    assert f"does not fit the context (1000 positions, {room} left after the reply's frames)" in str(err.value)
+
+
+def test_text_too_long_says_what_it_needed_and_what_there_is() -> None:
+    ctx = context(2)
+    with pytest.raises(TextTooLong) as err:
+        ctx.fit(30, 901)
+    assert (err.value.needed, err.value.available) == (100 + 901 + 30, 1000)
+    assert "(1031 positions needed, 1000 available)" in str(err.value)
+
+
+def test_prune_to_one_keeps_a_share_of_nothing_when_the_references_fill_the_budget() -> None:
+    ctx = context(0, prune_to=1.0)
+    assert ctx.low_water(99) == 100 and ctx.low_water(100) == 100 and ctx.low_water(101) == 101
