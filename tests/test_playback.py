@@ -109,14 +109,21 @@ class Device:
     """A stand-in blocking output stream: keeps every sample it is handed; the writes numbered in
     ``underflow_at`` (1-based) report an underflow, as PortAudio does after a gap the clock did not see."""
 
-    def __init__(self, underflow_at: set[int]) -> None:
+    def __init__(self, underflow_at: set[int], hold_at: int | None = None) -> None:
         self.pieces: list[np.ndarray] = []
         self.handed = 0  # samples
         self.underflow_at = underflow_at
-        self.closed = False
+        self.hold_at = hold_at  # this write (1-based) blocks until ``release`` (a device whose buffer is full)
+        self.held = threading.Event()
+        self.released = threading.Event()
+        self.closed = self.aborted = False
+        self.stops = 0
         self.changed = threading.Condition()
 
     def write(self, data: np.ndarray) -> bool:
+        if self.hold_at is not None and len(self.pieces) + 1 == self.hold_at:
+            self.held.set()
+            assert self.released.wait(60), "never released"
         with self.changed:
             self.pieces.append(np.array(data, copy=True))
             self.handed += len(data)
@@ -130,11 +137,11 @@ class Device:
     def audio(self) -> np.ndarray:
         return np.concatenate(self.pieces)
 
-    def stop(self) -> None:
-        pass
+    def stop(self) -> None:  # what was written plays out
+        self.stops += 1
 
-    def abort(self) -> None:
-        pass
+    def abort(self) -> None:  # dropped at once
+        self.aborted = True
 
     def close(self) -> None:
         self.closed = True
@@ -143,13 +150,14 @@ class Device:
 class StandInPlayer(Player):
     """The real Player (prebuffer, writer thread, underrun count) on ``Clock``, playing into ``Device``."""
 
-    def __init__(self, underflow_at: set[int] | None = None, **kw: Any) -> None:
+    def __init__(self, underflow_at: set[int] | None = None, hold_at: int | None = None, **kw: Any) -> None:
         super().__init__(clock=Clock(), **kw)
         self.underflow_at = underflow_at or set()
+        self.hold_at = hold_at
         self.devices: list[Device] = []
 
     def open_stream(self) -> Device:
-        self.devices.append(Device(self.underflow_at))
+        self.devices.append(Device(self.underflow_at, self.hold_at))
         return self.devices[-1]
 
 
@@ -189,6 +197,7 @@ def test_fast_generation_starts_at_the_minimum_and_hands_over_every_sample() -> 
     (device,) = player.devices
     np.testing.assert_array_equal(device.audio(), np.concatenate([sent, tail(player)]))
     assert {len(p) for p in device.pieces} == {player.piece} and device.closed
+    assert device.stops == 1 and not device.aborted  # played out, not dropped
 
 
 def test_a_stall_within_what_the_device_holds_is_no_underrun() -> None:
@@ -248,6 +257,68 @@ def test_without_the_prebuffer_slow_generation_underruns_and_each_gap_is_counted
     report = player.play(paced(player, speechlike(2.4, seed=2), 0.11), expected_seconds=2.4)
     assert report.prebuffered_s == pytest.approx(0.08)
     assert report.underruns == 14 and player.underruns == 14
+
+
+def test_the_remembered_speed_is_the_mean_of_the_last_one_and_the_new_one() -> None:
+    pb = Prebuffer()
+    pb.observe(4.0)
+    assert pb.rate == 4.0
+    pb.observe(2.0)
+    assert pb.rate == 3.0
+    pb.observe(1.0)
+    assert pb.rate == 2.0
+
+
+def test_a_reply_sets_the_remembered_speed_from_its_own_generation() -> None:
+    player = StandInPlayer()
+    player.play(paced(player, speechlike(1.2), 0.04), expected_seconds=1.2)  # 1.2 s of audio in 0.6 s
+    assert player.prebuffer.rate == pytest.approx(1.2 / (15 * 0.04 - 0.04))  # from the first chunk on
+    player.play(paced(player, speechlike(1.2), 0.08), expected_seconds=1.2)  # then at real time
+    assert player.prebuffer.rate == pytest.approx(0.5 * 1.2 / 0.56 + 0.5 * 1.2 / (15 * 0.08 - 0.08))
+
+
+def test_stop_from_another_thread_drops_what_the_device_holds() -> None:
+    """The device blocks at write 12 (its buffer is full); stop() meanwhile: that write is the last one."""
+    player = StandInPlayer(hold_at=12)
+    result: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: result.update(report=player.play(generated(speechlike(1.2)))))
+    thread.start()
+    for _ in range(6000):  # until the stream is open: counted, not timed
+        if player.devices:
+            break
+        threading.Event().wait(0.005)
+    device = player.devices[0]
+    assert device.held.wait(60)
+    player.stop()
+    device.released.set()
+    thread.join(60)
+    assert result["report"].cancelled and device.aborted and device.stops == 0
+    assert len(device.pieces) == 12 and device.closed
+
+
+def test_a_cancel_while_the_end_plays_drops_it() -> None:
+    """Generation is over (the whole reply is in the player); the cancel comes while the device is full."""
+    player = StandInPlayer(hold_at=40)  # of 60 + 5 writes
+    cancel = threading.Event()
+
+    def cancelled_when_held() -> None:
+        while not player.devices:
+            threading.Event().wait(0.005)
+        assert player.devices[0].held.wait(60)
+        cancel.set()
+        for _ in range(6000):  # until play() has seen it (it halts the writer), counted, not timed
+            if player._feed is None or player._feed.halted:
+                break
+            threading.Event().wait(0.005)
+        player.devices[0].released.set()
+
+    helper = threading.Thread(target=cancelled_when_held)
+    helper.start()
+    report = player.play(generated(speechlike(1.2)), cancel=cancel, expected_seconds=1.2)
+    helper.join(60)
+    device = player.devices[0]
+    assert report.cancelled and report.seconds == pytest.approx(1.2)
+    assert device.aborted and device.stops == 0 and len(device.pieces) == 40
 
 
 def test_a_cancel_inside_a_reply_stops_handing_audio_over() -> None:
