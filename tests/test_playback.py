@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -27,7 +28,7 @@ import pytest
 from load import spinning, stall
 from pulse import heard, pulse_server, pulseaudio_missing, speechlike, trim_silence
 
-from companion.audio.playback import Player, Prebuffer, open_output, output_devices, resolve_device
+from companion.audio.playback import Player, Prebuffer, WavWriter, open_output, output_devices, resolve_device
 from companion.errors import CompanionError
 
 RATE = 24000
@@ -504,3 +505,52 @@ def test_no_server_falls_back_to_wav_files_with_one_warning(monkeypatch: pytest.
 
     info = soundfile.info(str(report.path))
     assert info.samplerate == RATE and abs(info.duration - 1.0) < 0.01
+
+
+# ---------------------------------------------------------------- the WAV fallback (no device needed)
+
+
+def test_each_reply_becomes_its_own_numbered_wav_file_with_exactly_its_samples(tmp_path: Path) -> None:
+    import soundfile
+
+    writer = WavWriter(tmp_path, sample_rate=16000)
+    assert writer.underruns == 0 and writer.describe() == f"WAV files: {tmp_path}"
+    first, second = speechlike(0.5, seed=1), speechlike(0.25, seed=2)
+    a = writer.play(generated(first))
+    b = writer.play(generated(second))
+    assert a.path is not None and b.path is not None
+    assert re.fullmatch(r"reply-\d{8}-\d{6}-001\.wav", a.path.name) and b.path.name.endswith("-002.wav")
+    assert (a.seconds, a.underruns, a.cancelled) == (len(first) / 16000, 0, False)
+    for report, sent in ((a, first), (b, second)):
+        audio, rate = soundfile.read(str(report.path), dtype="float32")
+        assert rate == 16000 and len(audio) == len(sent)
+        np.testing.assert_allclose(audio, sent, atol=1 / 32767)  # 16-bit PCM
+    assert writer.underruns == 0
+
+
+def test_a_cancelled_or_empty_reply_writes_no_file(tmp_path: Path) -> None:
+    writer = WavWriter(tmp_path / "audio")
+    cancel = threading.Event()
+
+    def cancelled_at_chunk_3() -> Iterator[np.ndarray]:
+        for i, chunk in enumerate(generated(speechlike(1.0))):
+            if i == 3:
+                cancel.set()
+            yield chunk
+
+    report = writer.play(cancelled_at_chunk_3(), cancel=cancel)
+    assert report.cancelled and report.path is None and report.seconds == 3 * CHUNK / RATE
+    report = writer.play(iter([]))
+    assert not report.cancelled and report.path is None and report.seconds == 0
+    assert not (tmp_path / "audio").exists()
+    (tmp_path / "audio").mkdir()
+    report = writer.play(generated(speechlike(0.2)))  # the numbering counts files written, not replies
+    assert report.path is not None and report.path.name.endswith("-001.wav")
+
+
+def test_without_a_device_the_fallback_keeps_the_sample_rate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PULSE_SERVER", "unix:/nonexistent/native")
+    _reinit_portaudio()
+    output, warning = open_output(None, tmp_path, sample_rate=16000)
+    assert isinstance(output, WavWriter) and output.sample_rate == 16000 and output.directory == tmp_path
+    assert warning == f"no audio output ({warning.split('(', 1)[1].split(')')[0]}); replies are written as WAV files to {tmp_path}"
