@@ -32,7 +32,10 @@ def test_chunks_grow_and_decode_like_the_whole_segment(tiny_engine: Engine) -> N
     whole = tiny_engine.decode(torch.cat([c.codes for c in chunks], dim=1))
     assert np.abs(streamed - whole).max() <= 1e-4 * max(np.abs(whole).max(), 1e-6)
     stats = tiny_engine.last_stats
-    assert stats.frames == 30 and stats.ms_per_frame > 0 and stats.first_audio_ms is not None
+    assert stats.frames == 30 and stats.ms_per_frame > 0
+    # the first chunk comes after the prefill, on the same clock (a first-audio time taken from the wrong start
+    # or after the wrong chunk fails this; 'is not None' could not)
+    assert stats.first_audio_ms is not None and stats.first_audio_ms > stats.prefill_ms > 0
 
 
 def test_max_frames_caps_the_segment(tiny_engine: Engine) -> None:

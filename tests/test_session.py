@@ -253,7 +253,12 @@ def test_context_report_and_audio(tiny_model_dir: Path, data_dir: Path) -> None:
     assert sum(r.positions for r in rows[:-1]) == session.context_used()
     assert rows[-1].positions == session.max_frames()
     stats = session.stats[-1]
-    assert stats.first_audio_ms is not None and stats.rtf is not None and stats.frames > 0
+    assert stats.text == "Two." and stats.frames * 1920 == len(b) and stats.audio_seconds == stats.frames / 12.5
+    # timed by the session from before it called the engine: at least the engine's own time to that first chunk,
+    # and within the segment's whole wall time (rtf x audio seconds)
+    engine_ms = engine.last_stats.first_audio_ms
+    assert stats.first_audio_ms is not None and engine_ms is not None and stats.rtf is not None
+    assert engine_ms <= stats.first_audio_ms <= stats.rtf * stats.audio_seconds * 1000
 
 
 def test_watermark_is_applied_to_what_is_heard(tiny_model_dir: Path, data_dir: Path) -> None:

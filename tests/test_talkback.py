@@ -69,11 +69,14 @@ def wait_for(check: Any) -> None:
 
 
 def test_the_next_turn_sees_the_recorded_reply(session: Session, server: FakeOpenAI) -> None:
+    before = len(session.stats)
     reply = talk(session, server.base_url, "llama").reply("hi")
     assert len(list(reply)) > 0 and reply.error is None
     assert stored_exchanges() == [("hi", "Hello there, friend.", 0)]
-    assert reply.timing.sentences == 1 and reply.timing.sentence_to_audio_s is not None
-    assert reply.timing.engine_first_audio_s is not None
+    assert reply.timing.sentences == 1 and not reply.timing.partial
+    # the engine's own time is that of the reply's first segment (not an earlier reply's, not a later one's)
+    first_ms = session.stats[before].first_audio_ms
+    assert first_ms is not None and reply.timing.engine_first_audio_s == first_ms / 1000
     list(talk(session, server.base_url, "echo").reply("again"))
     sent = server.requests[-1]["body"]["messages"]
     assert [m["content"] for m in sent] == ["be brief", "hi", "Hello there, friend.", "again"]
@@ -93,12 +96,17 @@ def test_the_first_sentence_is_spoken_before_the_last_token_is_sent(session: Ses
     # the server holds the rest of its reply until the first sentence's turn is in the history database
     wait_for(lambda: stored_turns() == FIRST and stored_exchanges() == [("tell me", FIRST, 1)])
     assert not any("second" in event or "last" in event for event in server.sent)
+    # the first sentence's audio was timed while the server still held the rest, after the sentence was complete
+    assert reply.timing.first_audio_s is not None and reply.timing.first_sentence_s is not None
+    assert reply.timing.first_audio_s > reply.timing.first_sentence_s
     server.release(2)
     consumer.join()
     assert reply.error is None and reply.timing.sentences == 3 and audio
     assert stored_turns() == f"{FIRST} Then the second one. And the last one."
     assert stored_exchanges() == [("tell me", f"{FIRST} Then the second one. And the last one.", 0)]
-    assert reply.timing.sentence_to_audio_s is not None and reply.timing.sentence_to_audio_s >= 0
+    timing = reply.timing
+    assert timing.first_sentence_s is not None and timing.first_audio_s is not None
+    assert timing.sentence_to_audio_s == timing.first_audio_s - timing.first_sentence_s
 
 
 def test_ctrl_c_stops_the_stream_and_the_speech(session: Session, server: FakeOpenAI) -> None:
@@ -114,6 +122,29 @@ def test_ctrl_c_stops_the_stream_and_the_speech(session: Session, server: FakeOp
     list(talk(session, server.base_url, "echo").reply("next"))
     assert [m["content"] for m in server.requests[-1]["body"]["messages"]] == ["be brief", "tell me", FIRST, "next"]
     assert stored_exchanges()[-1] == ("next", "You said: next", 0)
+
+
+def test_a_sentence_cut_by_ctrl_c_is_not_recorded_as_spoken(session: Session, server: FakeOpenAI) -> None:
+    """The cancel lands inside the second sentence, after its first audio chunk: the exchange keeps the
+    first sentence only (marked partial), and the next turn's LLM sees only that."""
+    cancel = threading.Event()
+    reply = talk(session, server.base_url, "paced").reply("tell me", cancel)
+    # the server holds the second sentence until the first one is recorded
+    releaser = threading.Thread(target=lambda: (wait_for(lambda: reply.exchange is not None), server.release()))
+    releaser.start()
+    chunks_of_the_second = 0
+    for _chunk in reply:
+        if reply.exchange is not None:  # the first sentence is recorded: this chunk is the second one's
+            chunks_of_the_second += 1
+            cancel.set()
+    releaser.join()
+    assert chunks_of_the_second == 1  # cancelled inside it: no chunk of it came after the cancel
+    assert any("second" in event for event in server.sent)  # it had been written and was being spoken
+    assert stored_exchanges() == [("tell me", FIRST, 1)]
+    assert reply.timing.sentences == 1 and reply.timing.partial
+    server.release()  # the server's last sentence finds the client gone
+    list(talk(session, server.base_url, "echo").reply("next"))
+    assert [m["content"] for m in server.requests[-1]["body"]["messages"]] == ["be brief", "tell me", FIRST, "next"]
 
 
 def _down_url() -> str:

@@ -12,7 +12,7 @@ import collections
 import contextlib
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -131,9 +131,11 @@ class _Writer(threading.Thread):
     underflow flag counts too (once per gap).
     """
 
-    def __init__(self, stream: Any, feed: _Feed, rate: int, piece: int, slack_s: float) -> None:
+    def __init__(self, stream: Any, feed: _Feed, rate: int, piece: int, slack_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(name="companion-audio-writer", daemon=True)
         self.stream, self.feed, self.rate, self.piece, self.slack_s = stream, feed, rate, piece, slack_s
+        self.clock = clock
         self.anchor: float | None = None  # when frame 0 would have played, had nothing ever been late
         self.written = 0
         self.error: BaseException | None = None
@@ -173,7 +175,7 @@ class _Writer(threading.Thread):
         return False
 
     def _late(self) -> bool:
-        now = time.monotonic()
+        now = self.clock()
         if self.anchor is None:
             self.anchor = now
             return False
@@ -185,8 +187,8 @@ class _Writer(threading.Thread):
 
     def _drain(self) -> None:
         """Wait (stoppably) until everything written has played by the clock, then let the stream finish."""
-        end = (self.anchor or time.monotonic()) + self.written / self.rate
-        if not self.feed.stopped.wait(max(0.0, end - time.monotonic())):
+        end = (self.anchor or self.clock()) + self.written / self.rate
+        if not self.feed.stopped.wait(max(0.0, end - self.clock())):
             self.stream.stop()  # what is left (the server's own latency) plays out
 
 
@@ -196,10 +198,15 @@ class Player:
     ``play`` consumes ``chunks`` (which may be generated on the fly) in the calling thread; once the
     prebuffer is there a writer thread hands them to the device, whose buffer holds up to ``buffer_ms``
     of audio. ``play`` returns when the utterance has been heard or ``stop()``/``cancel`` ends it.
+
+    ``clock`` (monotonic seconds) times generation and playback; tests pass a clock that their generator
+    advances, with ``open_stream`` overridden by a stand-in device, so prebuffer and underruns are exact.
     """
 
     def __init__(self, device: str | int | None = None, sample_rate: int = SAMPLE_RATE,
-                 prebuffer_ms: int = 200, tail_silence_ms: int = 100, buffer_ms: int = BUFFER_MS) -> None:
+                 prebuffer_ms: int = 200, tail_silence_ms: int = 100, buffer_ms: int = BUFFER_MS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self.sample_rate = sample_rate
         self.device_spec = device
         self.device: int | None = None
@@ -241,7 +248,7 @@ class Player:
         stopped = (lambda: self._stop.is_set() or cancel.is_set()) if cancel else self._stop.is_set
         feed, writer = _Feed(), None
         self._feed = feed
-        start = time.monotonic()
+        start = self.clock()
         first: float | None = None
         generated = first_len = 0.0
         count = 0
@@ -250,11 +257,11 @@ class Player:
                 if stopped():
                     break
                 if first is None:
-                    first, first_len = time.monotonic(), len(chunk) / self.sample_rate
+                    first, first_len = self.clock(), len(chunk) / self.sample_rate
                 feed.put(np.ascontiguousarray(chunk, dtype=np.float32).reshape(-1))
                 generated += len(chunk) / self.sample_rate
                 count += 1
-                rate = _rate(generated - first_len, first, count)
+                rate = _rate(generated - first_len, self.clock() - first, count)
                 if writer is None and generated >= self.prebuffer.threshold(expected_seconds, rate):
                     writer = self._start(feed, generated)
                 if writer is not None and writer.error is not None:
@@ -262,7 +269,7 @@ class Player:
             if stopped():
                 return self._report(feed, generated, True, start)
             if first is not None:
-                self.prebuffer.observe(generated / max(time.monotonic() - first, 1e-6))
+                self.prebuffer.observe(generated / max(self.clock() - first, 1e-6))
             feed.put(self.tail)
             feed.put(None)
             if writer is None and generated > 0:
@@ -282,6 +289,14 @@ class Player:
             self._feed = None
 
     def _start(self, feed: _Feed, prebuffered_s: float) -> _Writer:
+        stream = self.open_stream()
+        feed.started_at, feed.prebuffered_s = self.clock(), prebuffered_s
+        writer = _Writer(stream, feed, self.sample_rate, self.piece, UNDERRUN_SLACK_S, self.clock)
+        writer.start()
+        return writer
+
+    def open_stream(self) -> Any:
+        """A started blocking output stream: ``write(frames) -> underflowed``, ``stop()``, ``abort()``, ``close()``."""
         sd = load_sounddevice()
         try:
             set_alsa_periods(sd, max(2, round(self.buffer_s * 1000 / PERIOD_MS)))
@@ -291,10 +306,7 @@ class Player:
                 stream.start()
         except sd.PortAudioError as err:
             raise AudioUnavailable(f"cannot open the audio output ({device_error_reason(err)})") from err
-        feed.started_at, feed.prebuffered_s = time.monotonic(), prebuffered_s
-        writer = _Writer(stream, feed, self.sample_rate, self.piece, UNDERRUN_SLACK_S)
-        writer.start()
-        return writer
+        return stream
 
     def _wait(self, writer: _Writer, feed: _Feed, stopped: Any) -> None:
         while writer.is_alive():
@@ -319,9 +331,8 @@ def _raise_failure(writer: _Writer) -> None:
     raise err
 
 
-def _rate(after_first_s: float, first: float, count: int) -> float | None:
+def _rate(after_first_s: float, elapsed: float, count: int) -> float | None:
     """Generation speed since the first chunk (which carries the prompt's cost); None before a second one."""
-    elapsed = time.monotonic() - first
     return after_first_s / max(elapsed, 1e-3) if count > 1 else None
 
 
