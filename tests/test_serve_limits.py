@@ -121,3 +121,25 @@ def test_a_repeated_log_line_is_kept_once_per_interval() -> None:
         assert [r.getMessage() for r in records] == ["socket.accept() out of system resource", "another line"]
     finally:
         logger.removeHandler(handler)
+
+
+def test_a_client_that_does_not_take_its_audio_cannot_hold_the_engine() -> None:
+    import asyncio
+
+    from companion.server.worker import Job
+
+    loop = asyncio.new_event_loop()
+    try:
+        job = Job(loop)
+        job.emitted = 2
+        job.mark_sent()
+        assert not job.all_sent(limit=0.0)  # one chunk never left: the wait gives up and stops the job
+        assert job.cancel.is_set()
+        loop.run_until_complete(asyncio.sleep(0))  # the event the worker handed over
+        assert job.events.get_nowait()[0] == "error"  # the reply is cut, never ended as if complete
+        done = Job(loop)
+        done.emitted = 1
+        done.mark_sent()
+        assert done.all_sent(limit=0.0) and not done.cancel.is_set()
+    finally:
+        loop.close()

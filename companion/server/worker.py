@@ -31,6 +31,7 @@ from companion.server.metrics import Metrics
 log = logging.getLogger("companion.serve")
 
 SAMPLE_RATE = 24000
+SEND_WAIT_SECONDS = 120.0  # the longest a conversation's segment waits for its audio to be sent
 
 
 class QueueFull(Exception):
@@ -64,11 +65,20 @@ class Job:
             self.cancel.set()
             self._progress.notify_all()
 
-    def all_sent(self) -> bool:
-        """From the worker thread: wait until every chunk emitted so far was sent; False if cancelled first."""
+    def all_sent(self, limit: float = SEND_WAIT_SECONDS) -> bool:
+        """From the worker thread: wait until every chunk emitted so far was sent; False if cancelled first,
+        or if the client took more than ``limit`` seconds (then the job is cancelled: a client that does not
+        read cannot hold the engine)."""
+        deadline = time.monotonic() + limit
         with self._progress:
             while self.sent < self.emitted and not self.cancel.is_set():
-                self._progress.wait(1.0)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("a client took more than %.0f s to take its audio: its reply is stopped", limit)
+                    self.cancel.set()
+                    self.emit("error", CompanionError("the client did not take the audio in time"))  # cut, not ended
+                    break
+                self._progress.wait(min(1.0, left))
             return not self.cancel.is_set()
 
     def emit(self, kind: str, value: Any = None) -> None:
