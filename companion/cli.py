@@ -13,7 +13,7 @@ from companion.errors import CompanionError
 
 # The one list of subcommands, in the order `--help` shows them. Each module defines
 # HELP (one line), add_arguments(parser) and run(args) -> exit code.
-COMMANDS = ["chat", "say", "voice", "batch", "history", "bench", "download", "devices", "doctor", "watermark", "eval", "serve"]
+COMMANDS = ["chat", "say", "voice", "batch", "history", "bench", "download", "devices", "doctor", "watermark", "eval", "serve", "key"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -82,7 +82,13 @@ class ServeSettings(Schema):
     retry_after_seconds: int = Field(5, ge=1)
     max_input_chars: int = Field(4096, ge=1)
     max_body_bytes: int = Field(65536, ge=1024)
-    max_conversations: int = Field(64, ge=1)  # kept in memory; older ones are reloaded from the history
+    max_conversations: int = Field(1000, ge=1)  # per API key; one more deletes the one unused longest
+    conversation_days: float = Field(30.0, gt=0.0)  # a conversation unused this long is deleted
+    live_conversations: int = Field(64, ge=1)  # kept in memory; others are reloaded from the history
+    max_connections: int = Field(512, ge=1)  # open connections; more are closed at once (capped below the fd limit)
+    header_timeout_seconds: float = Field(10.0, gt=0.0)  # to send a request's headers
+    body_timeout_seconds: float = Field(20.0, gt=0.0)  # to send a request's body (408 after)
+    keep_alive_seconds: float = Field(5.0, gt=0.0)  # an idle connection between requests
     cors_origins: list[str] = []
     shutdown_timeout_seconds: float = Field(30.0, ge=0.0)
     model_name: str = "csm-1b"  # the name /v1/models lists (requests may name any model)

@@ -92,6 +92,12 @@ MIGRATIONS: list[str] = [
     -- the first exchange still remembered (those before were cleared by $CLEAR$)
     ALTER TABLE sessions ADD COLUMN exchanges_start INTEGER NOT NULL DEFAULT 1
     """,
+    # 4 -> 5: conversation names are unique within a namespace (a `companion serve` API key), not overall
+    """
+    ALTER TABLE sessions ADD COLUMN namespace TEXT NOT NULL DEFAULT '';
+    DROP INDEX sessions_conversation;
+    CREATE UNIQUE INDEX sessions_conversation ON sessions (namespace, conversation) WHERE conversation IS NOT NULL
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -225,13 +231,13 @@ class Store:
     # sessions -----------------------------------------------------------------------------------
 
     def create_session(self, model_key: str, max_seq_len: int, voices: list[VoiceRecord], voice: str | None,
-                       conversation: str | None = None) -> int:
+                       conversation: str | None = None, namespace: str = "") -> int:
         with self.transaction() as db:
             stamp = now()
             cur = db.execute(
-                "INSERT INTO sessions (created_at, updated_at, model_key, max_seq_len, voice, conversation) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (stamp, stamp, model_key, max_seq_len, voice, conversation),
+                "INSERT INTO sessions (created_at, updated_at, model_key, max_seq_len, voice, conversation, namespace) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (stamp, stamp, model_key, max_seq_len, voice, conversation, namespace),
             )
             session_id = int(cur.lastrowid or 0)
             for v in voices:
@@ -326,11 +332,36 @@ class Store:
                 return record
         raise CompanionError(f"no conversation {session_id} in the history: `companion history list` shows the ids")
 
-    def conversation_session_id(self, conversation: str) -> int | None:
-        """The session a `companion serve` client named ``conversation``, or None."""
+    def conversation_session_id(self, conversation: str, namespace: str = "") -> int | None:
+        """The session a `companion serve` client named ``conversation`` in ``namespace``, or None."""
         with self._lock:
-            row = self._db.execute("SELECT id FROM sessions WHERE conversation = ?", (conversation,)).fetchone()
+            row = self._db.execute("SELECT id FROM sessions WHERE namespace = ? AND conversation = ?",
+                                   (namespace, conversation)).fetchone()
         return int(row[0]) if row else None
+
+    def conversations(self, namespace: str) -> list[tuple[str, int]]:
+        """(name, session id) of ``namespace``'s named conversations, least recently used first."""
+        with self._lock:
+            rows = self._db.execute("SELECT conversation, id FROM sessions WHERE namespace = ? AND conversation IS NOT NULL "
+                                    "ORDER BY updated_at, id", (namespace,)).fetchall()
+        return [(str(name), int(sid)) for name, sid in rows]
+
+    def idle_conversations(self, before: str) -> list[tuple[str, str, int]]:
+        """(namespace, name, session id) of named conversations last used before ``before`` (a ``now()`` stamp)."""
+        with self._lock:
+            rows = self._db.execute("SELECT namespace, conversation, id FROM sessions WHERE conversation IS NOT NULL "
+                                    "AND updated_at < ? ORDER BY updated_at, id", (before,)).fetchall()
+        return [(str(ns), str(name), int(sid)) for ns, name, sid in rows]
+
+    def delete_session(self, session_id: int) -> None:
+        """Delete a session with its voices, turns and exchanges (one transaction)."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+
+    def touch(self, session_id: int) -> None:
+        """Mark a session as used now (its turns are unchanged)."""
+        with self.transaction() as db:
+            db.execute("UPDATE sessions SET updated_at = ? WHERE id = ?", (now(), session_id))
 
     def latest_session_id(self) -> int | None:
         with self._lock:

@@ -30,19 +30,21 @@ def serve_settings(model_dir: Path, **serve: Any) -> Settings:
 class LiveServer:
     """``create_app`` run by uvicorn in a thread on 127.0.0.1:0, until ``stop()``."""
 
-    def __init__(self, settings: Settings, api_key: str | None = None) -> None:
+    def __init__(self, settings: Settings, api_key: str | None = None, keys: Any = None) -> None:
         import uvicorn
 
+        from companion.commands.serve import uvicorn_config
         from companion.server import create_app
 
-        self.app = create_app(settings, api_key=api_key)
+        self.app = create_app(settings, api_key=api_key, keys=keys)
         self.state = self.app.state.companion
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        config = uvicorn_config(self.app, settings, "127.0.0.1", 0, "warning", self.state.refusals)  # as `serve` runs it
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="test-uvicorn", daemon=True)
         self.thread.start()
         wait_for(lambda: self.server.started, "the server to listen")
         port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.http = httpx.Client(base_url=self.url, timeout=60)
         wait_for(lambda: self.state.ready.is_set(), "the model to load")

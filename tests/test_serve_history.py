@@ -21,7 +21,7 @@ def test_a_history_from_before_conversation_names_is_migrated(tmp_path: Path) ->
     db.commit()
     db.close()
     with Store(path) as store:
-        assert store.schema_version == SCHEMA_VERSION == 4
+        assert store.schema_version == SCHEMA_VERSION == 5
         old = store.session(1)
         assert old.conversation is None and old.model_key == "m"
         sid = store.create_session("m", 1024, [], None, conversation="kitchen")
@@ -33,3 +33,11 @@ def test_a_history_from_before_conversation_names_is_migrated(tmp_path: Path) ->
             store.create_session("m", 1024, [], None, conversation="kitchen")
         store.create_session("m", 1024, [], None)  # unnamed sessions are not limited
         store.create_session("m", 1024, [], None)
+        # A name is unique within a namespace (an API key's): another namespace has its own "kitchen".
+        other = store.create_session("m", 1024, [], None, conversation="kitchen", namespace="k1")
+        assert store.conversation_session_id("kitchen", "k1") == other != sid
+        assert store.conversation_session_id("kitchen") == sid
+        assert store.conversations("k1") == [("kitchen", other)]
+        store.delete_session(other)
+        assert store.conversation_session_id("kitchen", "k1") is None and store.conversations("k1") == []
+        assert store.conversation_session_id("kitchen") == sid

@@ -18,8 +18,9 @@ HELP = "serve the voice over HTTP as an OpenAI-compatible speech endpoint, with 
 DESCRIPTION = (
     "Serve POST /v1/audio/speech (OpenAI's text-to-speech API) with your voices, streaming audio as it is "
     "generated; the extension field `conversation` keeps the context across requests. Listens on "
-    "127.0.0.1 unless told otherwise; any other address needs an API key in the environment variable "
-    "named by serve.api_key_env (COMPANION_API_KEY by default). Stop it with Ctrl-C or SIGTERM."
+    "127.0.0.1 unless told otherwise; any other address needs an API key: named keys made with `companion key add`, "
+    "or one in the environment variable named by serve.api_key_env (COMPANION_API_KEY by default). "
+    "Stop it with Ctrl-C or SIGTERM."
 )
 
 
@@ -37,12 +38,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     host, port = settings.serve.host, settings.serve.port
-    api_key = _api_key(settings, host)
+    from companion.server.keys import KeyStore
+
+    keys = KeyStore()
+    api_key = _api_key(settings, host, keys)
     check_memory(settings)  # a context the memory cannot hold fails now, before the model loads
     try:
         import uvicorn
 
         from companion.server import create_app
+        from companion.server.connections import limit_log_repeats
     except ImportError as err:
         raise CompanionError(
             f"companion serve needs the web server packages ({err.name} is missing): pip install 'companion[serve]'"
@@ -56,14 +61,12 @@ def run(args: argparse.Namespace) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, api_key=api_key, on_fatal=fatal)
-    config = uvicorn.Config(app, host=host, port=port, log_level=args.log_level, access_log=args.log_level == "debug",
-                            timeout_graceful_shutdown=max(1, int(settings.serve.shutdown_timeout_seconds)),
-                            server_header=False)
+    app = create_app(settings, api_key=api_key, on_fatal=fatal, keys=keys)
+    config = uvicorn_config(app, settings, host, port, args.log_level, app.state.companion.refusals)
+    limit_log_repeats()  # after uvicorn set its loggers up
     server = uvicorn.Server(config)
     where = f"[{host}]" if ":" in host else host
-    print(f"companion serve: loading {settings.model.id} ({'API key required' if api_key else 'no API key'})",
-          file=sys.stderr, flush=True)
+    print(f"companion serve: loading {settings.model.id} ({_keys_line(api_key, keys)})", file=sys.stderr, flush=True)
     # uvicorn stops gracefully on SIGTERM, then raises the signal again for the handler it found: make
     # that one a no-op so that a stop by SIGTERM (systemd's) ends with "stopped" and exit code 0.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
@@ -80,6 +83,30 @@ def run(args: argparse.Namespace) -> int:
         raise CompanionError(f"could not listen on {where}:{port}: is another program using that port? pick another --port")
     print("companion serve: stopped", file=sys.stderr)
     return 0
+
+
+def uvicorn_config(app: Any, settings: Settings, host: str, port: int, log_level: str, refusals: Any) -> Any:
+    """uvicorn's settings for ``app``: its own limits (keep-alive, header size) and the protocol that adds
+    the connection cap and the header time limit (companion/server/connections.py)."""
+    import math
+
+    import uvicorn
+
+    from companion.server.connections import connection_cap, guarded_protocol
+
+    s = settings.serve
+    cap = connection_cap(s.max_connections)
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
+                          timeout_graceful_shutdown=max(1, int(s.shutdown_timeout_seconds)), server_header=False,
+                          http=guarded_protocol(cap, s.header_timeout_seconds, refusals),
+                          timeout_keep_alive=max(1, math.ceil(s.keep_alive_seconds)), backlog=min(2048, cap))
+
+
+def _keys_line(api_key: str | None, keys: Any) -> str:
+    named = len(keys.entries())
+    if named:
+        return f"{named} named API key{'s' if named > 1 else ''}" + (" and the one in the environment" if api_key else "")
+    return "API key required" if api_key else "no API key"
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -103,15 +130,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _api_key(settings: Settings, host: str) -> str | None:
-    """The key from the environment (never from the command line); required off the loopback address."""
+def _api_key(settings: Settings, host: str, keys: Any) -> str | None:
+    """The key from the environment (never from the command line); a key (that one, or a named one) is
+    required off the loopback address."""
     env = settings.serve.api_key_env
     key = os.environ.get(env, "").strip() or None
-    if key is None and not is_loopback(host):
+    if key is None and not keys.entries() and not is_loopback(host):
         raise CompanionError(
             f"--host {host} would accept connections from other machines without an API key: "
-            f"set one in the environment variable {env} (clients send 'Authorization: Bearer KEY'), "
-            "or listen on 127.0.0.1"
+            f"make one with `companion key add NAME`, or set one in the environment variable {env} "
+            "(clients send 'Authorization: Bearer KEY'); or listen on 127.0.0.1"
         )
     return key
 

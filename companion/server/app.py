@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import json
 import logging
 import re
@@ -18,7 +17,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -28,7 +27,8 @@ from companion.config import Settings
 from companion.errors import CompanionError
 from companion.server.encoders import CONTENT_TYPES, FORMATS, make_encoder
 from companion.server.errors import APIError, install_handlers
-from companion.server.middleware import BodyLimit, RequestMetrics
+from companion.server.keys import ANONYMOUS, Caller
+from companion.server.middleware import RequestBody, RequestMetrics
 from companion.server.state import ServerState
 from companion.server.worker import Job, QueueFull
 
@@ -36,6 +36,11 @@ log = logging.getLogger("companion.serve")
 
 CONVERSATION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 DEFAULT_VOICE = "default"
+CLIENT_GONE = 499  # nginx's "client closed request": counted as a hang-up, never as an error
+
+
+class ClientGone(Exception):
+    """The client hung up before the first audio (or before its answer): nobody to answer."""
 
 
 class VoiceRef(BaseModel):
@@ -56,9 +61,27 @@ class SpeechRequest(BaseModel):
     conversation: str | None = None
 
 
-def create_app(settings: Settings, api_key: str | None = None, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
-    """The app; ``api_key`` (when set) must come with every request as ``Authorization: Bearer KEY``."""
-    state = ServerState(settings, api_key, on_fatal)
+def _caller(request: Request) -> Caller:
+    """Who sent the request (the key's conversations); 401 when a key is needed and this one is not known."""
+    state: ServerState = request.app.state.companion
+    if not state.needs_key():
+        return ANONYMOUS
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    found = state.identify(token.strip()) if scheme.lower() == "bearer" else None
+    if found is None:
+        raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    return found
+
+
+Who = Annotated[Caller, Depends(_caller)]
+
+
+def create_app(settings: Settings, api_key: str | None = None, on_fatal: Callable[[str], None] | None = None,
+               keys: Any = None) -> FastAPI:
+    """The app. With ``api_key`` (``COMPANION_API_KEY``) or named keys in ``keys`` (a KeyStore), every
+    request but ``/health`` must send one as ``Authorization: Bearer KEY``."""
+    state = ServerState(settings, api_key, on_fatal, keys)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -71,7 +94,8 @@ def create_app(settings: Settings, api_key: str | None = None, on_fatal: Callabl
     app = FastAPI(title="companion", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.companion = state
     install_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.serve.max_body_bytes)
+    app.add_middleware(RequestBody, max_bytes=settings.serve.max_body_bytes,
+                       timeout=settings.serve.body_timeout_seconds)
     if settings.serve.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -80,27 +104,22 @@ def create_app(settings: Settings, api_key: str | None = None, on_fatal: Callabl
 
     app.add_middleware(RequestMetrics, metrics=state.metrics)
 
-    def authorized(request: Request) -> None:
-        if state.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
-            raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
-                           code="invalid_api_key")
-
-    auth = [Depends(authorized)]
+    auth = [Depends(_caller)]
 
     @app.get("/health")
-    async def health() -> JSONResponse:
-        if state.ready.is_set():
-            return JSONResponse({"status": "ready", "model": settings.model.id})
-        status = "failed" if state.failure else "loading"
-        return JSONResponse({"status": status, "model": settings.model.id}, status_code=503)
+    async def health(request: Request) -> JSONResponse:
+        status = "ready" if state.ready.is_set() else "failed" if state.failure else "loading"
+        body: dict[str, Any] = {"status": status}
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if state.needs_key() and scheme.lower() == "bearer" and state.identify(token.strip()) is not None:
+            body["model"] = settings.model.id  # the model (maybe a local path) only for a known key
+        return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
     @app.get("/metrics", dependencies=auth)
     async def metrics() -> PlainTextResponse:
         w = state.worker
-        text = state.metrics.render(w.depth if w else 0, w.generating if w else 0, state.ready.is_set())
+        refused = (state.refusals.over_cap, state.refusals.slow_headers)
+        text = state.metrics.render(w.depth if w else 0, w.generating if w else 0, state.ready.is_set(), refused)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models", dependencies=auth)
@@ -112,16 +131,20 @@ def create_app(settings: Settings, api_key: str | None = None, on_fatal: Callabl
     def voices() -> dict[str, Any]:
         return {"object": "list", "data": _voice_list(_ready(state))}
 
-    @app.post("/v1/audio/speech", dependencies=auth)
-    async def speech(body: SpeechRequest, request: Request) -> Response:
+    @app.post("/v1/audio/speech")
+    async def speech(body: SpeechRequest, request: Request, who: Who) -> Response:
         received = time.perf_counter()
         text, voice, fmt = _check(body, settings)
         _ready(state)
         voice = _resolve_voice(state, voice)  # profiles are re-read only when a file changed: a few stat calls
+        _check_speech(state, text)
         conversations, conversation = state.conversations, body.conversation
-        job = Job(asyncio.get_running_loop(),
-                  speak=lambda cancel: conversations.speak(text, voice, conversation, cancel))
-        first = await _start(state, job, request)
+        job = Job(asyncio.get_running_loop())
+        job.speak = lambda cancel: conversations.speak(text, voice, conversation, cancel, who.namespace, job.all_sent)
+        try:
+            first = await _start(state, job, request)
+        except ClientGone:
+            return Response(status_code=CLIENT_GONE)
         if first[0] == "error":
             raise _generation_error(state, first[1])
         stream = _audio_events(state, job, request, first, fmt, body.stream_format == "sse", received, len(text))
@@ -129,18 +152,25 @@ def create_app(settings: Settings, api_key: str | None = None, on_fatal: Callabl
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return StreamingResponse(stream, media_type=CONTENT_TYPES[fmt])
 
-    @app.get("/v1/conversations/{conversation}", dependencies=auth)
-    async def describe(conversation: str, request: Request) -> dict[str, Any]:
+    @app.get("/v1/conversations/{conversation}", response_model=None)
+    async def describe(conversation: str, request: Request, who: Who) -> Any:
         _check_conversation(conversation)
-        found = await _act(state, request, lambda: state.conversations.describe(conversation))
+        try:
+            found = await _act(state, request, lambda: state.conversations.describe(conversation, who.namespace))
+        except ClientGone:
+            return Response(status_code=CLIENT_GONE)
         if found is None:
             raise APIError(404, f"no conversation '{conversation}'", param="conversation")
         return found
 
-    @app.delete("/v1/conversations/{conversation}", dependencies=auth)
-    async def clear(conversation: str, request: Request) -> dict[str, Any]:
+    @app.delete("/v1/conversations/{conversation}", response_model=None)
+    async def clear(conversation: str, request: Request, who: Who) -> Any:
         _check_conversation(conversation)
-        if not await _act(state, request, lambda: state.conversations.clear(conversation)):
+        try:
+            cleared = await _act(state, request, lambda: state.conversations.clear(conversation, who.namespace))
+        except ClientGone:
+            return Response(status_code=CLIENT_GONE)
+        if not cleared:
             raise APIError(404, f"no conversation '{conversation}'", param="conversation")
         return {"id": conversation, "object": "conversation.cleared", "cleared": True}
 
@@ -172,9 +202,10 @@ def _check(body: SpeechRequest, settings: Settings) -> tuple[str, str, str]:
                        param="response_format", code="unsupported_format")
     if body.stream_format not in ("audio", "sse"):
         raise APIError(400, f"stream_format '{body.stream_format}' is not supported: use audio or sse",
-                       param="stream_format")
+                       param="stream_format", code="unsupported_stream_format")
     if not 0.25 <= body.speed <= 4.0:
-        raise APIError(400, f"speed {body.speed} is out of range: use a value from 0.25 to 4.0", param="speed")
+        raise APIError(400, f"speed {body.speed} is out of range: use a value from 0.25 to 4.0", param="speed",
+                       code="invalid_speed")
     if body.conversation is not None:
         _check_conversation(body.conversation)
     voice = body.voice.id if isinstance(body.voice, VoiceRef) else body.voice
@@ -195,9 +226,23 @@ def _resolve_voice(state: ServerState, name: str) -> str:
         raise APIError(500, f"cannot read the voice profiles: {err}") from None
     if name in known or name == DEFAULT_VOICE:
         return name
-    listed = ", ".join([DEFAULT_VOICE, *known])
+    listed = ", ".join([DEFAULT_VOICE, *(n for n in known if n != DEFAULT_VOICE)])
     raise APIError(400, f"unknown voice '{name}': use one of {listed} (GET /v1/audio/voices lists them)",
                    param="voice", code="unknown_voice")
+
+
+def _check_speech(state: ServerState, text: str) -> None:
+    """400 for input with nothing to speak, by the rule `say` and `chat` use (the session's own check)."""
+    from companion.session import parse_line
+    from companion.session.script import is_clear
+    from companion.text import NOTHING_TO_SAY, prepare
+
+    if is_clear(text):
+        return
+    known = [DEFAULT_VOICE, *state.voices.names()]
+    if not any(prepare(part.text) for part in parse_line(text, known)):
+        raise APIError(400, f"'input' has {NOTHING_TO_SAY.removeprefix('nothing to say in this text: ')}: give words",
+                       param="input", code="no_speech")
 
 
 def _voice_list(state: ServerState) -> list[dict[str, Any]]:
@@ -241,7 +286,7 @@ async def _start(state: ServerState, job: Job, request: Request) -> tuple[str, A
         first.cancel()
         state.metrics.add("disconnects")
         state.worker.withdraw(job)
-        return ("error", CompanionError("the client hung up"))
+        raise ClientGone()
     return first.result()
 
 
@@ -251,7 +296,8 @@ async def _disconnected(request: Request) -> None:
 
 
 async def _act(state: ServerState, request: Request, action: Callable[[], Any]) -> Any:
-    """Run ``action`` on the worker's thread (the only one that touches sessions), in queue order."""
+    """Run ``action`` on the worker's thread (the only one that touches sessions), in queue order
+    (raises ClientGone when the client hangs up first)."""
     _ready(state)
     job = Job(asyncio.get_running_loop(), action=action)
     kind, value = await _start(state, job, request)
@@ -262,9 +308,12 @@ async def _act(state: ServerState, request: Request, action: Callable[[], Any]) 
 
 def _generation_error(state: ServerState, err: BaseException) -> APIError:
     from companion.session import TextTooLong
+    from companion.text import NOTHING_TO_SAY
 
     if isinstance(err, TextTooLong):
         return APIError(400, str(err), param="input", code="input_too_long")
+    if isinstance(err, CompanionError) and str(err) == NOTHING_TO_SAY:  # the session's check, after ours
+        return APIError(400, str(err), param="input", code="no_speech")
     state.metrics.error("generation")
     if isinstance(err, CompanionError):
         return APIError(500, str(err), code="generation_failed")
@@ -302,6 +351,8 @@ async def _audio_events(state: ServerState, job: Job, request: Request, first: t
                     sent_first = True
                     state.metrics.observe("ttfb", time.perf_counter() - received)
                 yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}) if sse else data
+            if kind == "audio":
+                job.mark_sent()  # its bytes left (an encoder may still hold a little, or all, of its audio)
             if kind == "end":
                 job.finished = True
                 if sse:
@@ -313,7 +364,7 @@ async def _audio_events(state: ServerState, job: Job, request: Request, first: t
                 return
     finally:
         if not job.finished:  # the client hung up (or the server stops): stop generating at the next chunk
-            job.cancel.set()
+            job.stop()
             state.metrics.add("disconnects")
 
 

@@ -65,7 +65,8 @@ class Metrics:
         with self._lock:
             getattr(self, name).observe(value)
 
-    def render(self, queue_depth: int, generating: int, ready: bool) -> str:
+    def render(self, queue_depth: int, generating: int, ready: bool, refused: tuple[int, int] = (0, 0)) -> str:
+        """The Prometheus text; ``refused``: connections reset over the cap, and closed for slow headers."""
         with self._lock:
             lines: list[str] = []
             metric = _writer(lines)
@@ -82,6 +83,10 @@ class Metrics:
                    [f"companion_generations_cancelled_total {self.cancelled}"])
             metric("companion_client_disconnects_total", "counter", "clients that hung up before the reply ended",
                    [f"companion_client_disconnects_total {self.disconnects}"])
+            metric("companion_connections_refused_total", "counter",
+                   "connections closed unanswered: over serve.max_connections, or headers not sent in time",
+                   [f'companion_connections_refused_total{{reason="over_limit"}} {refused[0]}',
+                    f'companion_connections_refused_total{{reason="slow_headers"}} {refused[1]}'])
             metric("companion_audio_chunks_total", "counter", "audio chunks generated",
                    [f"companion_audio_chunks_total {self.chunks}"])
             metric("companion_audio_seconds_total", "counter", "seconds of audio generated",

@@ -1,7 +1,9 @@
-"""Plain ASGI middlewares (they leave streaming and disconnects alone): request counts, body size limit."""
+"""Plain ASGI middlewares (they leave streaming and disconnects alone): request counts, the request body."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -34,7 +36,7 @@ class RequestMetrics:
         finally:
             route = getattr(scope.get("route"), "path", "other")
             self.metrics.request(route, status)
-            if status >= 400:
+            if status >= 400 and status != 499:  # 499: the client hung up first (a disconnect, not an error)
                 self.metrics.error(str(status))
 
 
@@ -42,49 +44,79 @@ class BodyTooLarge(Exception):
     pass
 
 
-class BodyLimit:
-    """Refuse bodies over ``max_bytes``: at once from Content-Length, or when a chunked body grows past it."""
+class RequestBody:
+    """Read the whole request body before the app sees it, within limits, and answer for the client:
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    - 413 for a body over ``max_bytes``: at once from Content-Length, or as soon as a chunked body
+      grows past it (the connection is then closed: the rest of the body is not read);
+    - 408 when the body is not all there ``timeout`` seconds after the headers (a client sending a
+      byte at a time), and the connection is closed;
+    - 415 for a compressed body (``Content-Encoding`` other than identity).
+
+    The app then receives the body in one message, and every later ``receive()`` goes to the server
+    (so a hang-up is still seen while a reply streams)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = dict(scope.get("headers", [])).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await self._refuse(send)
+        headers = dict(scope.get("headers", []))
+        encoding = headers.get(b"content-encoding", b"identity").strip().lower()
+        if encoding not in (b"", b"identity"):
+            await _refuse(send, 415, f"the request body is compressed ({encoding.decode('latin-1')}): send it "
+                          "uncompressed JSON", "unsupported_encoding")
             return
-        seen = 0
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise BodyTooLarge()
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await _refuse(send, 413, f"the request body is larger than {self.max_bytes} bytes", "body_too_large")
+            return
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            body = await asyncio.wait_for(self._read(receive), self.timeout)
         except BodyTooLarge:
-            if not started:
-                await self._refuse(send)
+            await _refuse(send, 413, f"the request body is larger than {self.max_bytes} bytes", "body_too_large")
+            return
+        except asyncio.TimeoutError:
+            await _refuse(send, 408, f"the request body did not arrive within {self.timeout:g} seconds: send it at once",
+                          "request_timeout")
+            return
+        if body is None:  # the client hung up while sending it
+            return
+        replayed = False
 
-    async def _refuse(self, send: Send) -> None:
-        import json
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
 
-        body = json.dumps(error_body(413, f"the request body is larger than {self.max_bytes} bytes",
-                                     code="body_too_large")).encode()
-        headers: list[Any] = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await self.app(scope, replay, send)
+
+    async def _read(self, receive: Receive) -> bytes | None:
+        parts: list[bytes] = []
+        seen = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.max_bytes:
+                raise BodyTooLarge()
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(parts)
+
+
+async def _refuse(send: Send, status: int, message: str, code: str) -> None:
+    """An error answer sent before the body was read (all of it): the connection closes after it."""
+    body = json.dumps(error_body(status, message, code=code)).encode()
+    headers: list[Any] = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                          (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
 import time
@@ -10,6 +11,8 @@ from typing import Any
 
 from companion.config import Settings
 from companion.errors import CompanionError
+from companion.server.connections import Refusals
+from companion.server.keys import ANONYMOUS, Caller, KeyStore
 from companion.server.metrics import Metrics
 from companion.server.worker import SpeechWorker
 
@@ -17,11 +20,14 @@ log = logging.getLogger("companion.serve")
 
 
 class ServerState:
-    def __init__(self, settings: Settings, api_key: str | None, on_fatal: Callable[[str], None] | None = None) -> None:
+    def __init__(self, settings: Settings, api_key: str | None, on_fatal: Callable[[str], None] | None = None,
+                 keys: KeyStore | None = None) -> None:
         self.settings = settings
-        self.api_key = api_key or None
+        self.api_key = api_key or None  # COMPANION_API_KEY: one more key, with the namespace ""
+        self.keys = keys  # the named keys (keys.yaml), re-read when the file changes
         self.on_fatal = on_fatal  # called with one line when the model cannot be loaded
         self.metrics = Metrics()
+        self.refusals = Refusals()  # connections turned away by the protocol (companion/server/connections.py)
         self.ready = threading.Event()
         self.failure: str | None = None
         self.engine: Any = None
@@ -29,6 +35,28 @@ class ServerState:
         self.voices: Any = None
         self.conversations: Any = None
         self.worker: SpeechWorker | None = None
+
+    def needs_key(self) -> bool:
+        return self.api_key is not None or bool(self.keys is not None and self._named())
+
+    def identify(self, token: str) -> Caller | None:
+        """The caller whose key ``token`` is, or None (every comparison in constant time)."""
+        found = None
+        if self.keys is not None and token:
+            try:
+                found = self.keys.match(token)
+            except CompanionError:  # a broken keys file (logged by needs_key): no named key works
+                found = None
+        if self.api_key is not None and hmac.compare_digest(token.encode(), self.api_key.encode()):
+            found = found or ANONYMOUS
+        return found
+
+    def _named(self) -> bool:
+        try:
+            return bool(self.keys.entries()) if self.keys is not None else False
+        except CompanionError as err:  # a broken keys file: nobody gets in rather than everybody
+            log.error("%s", err)
+            return True
 
     def load(self) -> None:
         """Load the model once, then open the history and start the speech worker (runs in a thread)."""
@@ -46,8 +74,8 @@ class ServerState:
                                       max_seq_len=self.settings.context.max_seq_len)
             self.store = Store()
             self.voices = WatchedVoiceStore()
-            self.conversations = Conversations(self.engine, self.settings, self.store, self.voices, ReferenceCache(),
-                                               s.max_conversations)
+            self.conversations = Conversations(self.engine, self.settings, self.store, self.voices, ReferenceCache())
+            self.conversations.sweep()
         except CompanionError as err:
             self._fail(str(err))
             return

@@ -31,6 +31,7 @@ from companion.server.metrics import Metrics
 log = logging.getLogger("companion.serve")
 
 SAMPLE_RATE = 24000
+SEND_WAIT_SECONDS = 120.0  # the longest a conversation's segment waits for its audio to be sent
 
 
 class QueueFull(Exception):
@@ -48,13 +49,44 @@ class Job:
     events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
     finished: bool = False  # set in the event loop when the "end" event has been taken
     engine_first_audio_ms: float | None = None
+    emitted: int = 0  # audio chunks handed to the event loop (worker thread)
+    sent: int = 0  # of those, the ones whose bytes were sent to the client (event loop)
+    _progress: threading.Condition = field(default_factory=threading.Condition)
+
+    def mark_sent(self) -> None:
+        """From the event loop: one more audio chunk's bytes (maybe none yet) went to the client."""
+        with self._progress:
+            self.sent += 1
+            self._progress.notify_all()
+
+    def stop(self) -> None:
+        """Cancel the job (the client hung up, the server stops); wakes ``all_sent``."""
+        with self._progress:
+            self.cancel.set()
+            self._progress.notify_all()
+
+    def all_sent(self, limit: float = SEND_WAIT_SECONDS) -> bool:
+        """From the worker thread: wait until every chunk emitted so far was sent; False if cancelled first,
+        or if the client took more than ``limit`` seconds (then the job is cancelled: a client that does not
+        read cannot hold the engine)."""
+        deadline = time.monotonic() + limit
+        with self._progress:
+            while self.sent < self.emitted and not self.cancel.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("a client took more than %.0f s to take its audio: its reply is stopped", limit)
+                    self.cancel.set()
+                    self.emit("error", CompanionError("the client did not take the audio in time"))  # cut, not ended
+                    break
+                self._progress.wait(min(1.0, left))
+            return not self.cancel.is_set()
 
     def emit(self, kind: str, value: Any = None) -> None:
         """From the worker thread: hand one event to the event loop (kinds: audio, result, error, end)."""
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
         except RuntimeError:  # the event loop is closed: nobody is listening any more
-            self.cancel.set()
+            self.stop()
 
 
 class SpeechWorker:
@@ -84,7 +116,7 @@ class SpeechWorker:
 
     def withdraw(self, job: Job) -> None:
         """Cancel ``job``; if it still waits, it leaves the queue at once (its place is free again)."""
-        job.cancel.set()
+        job.stop()
         with self._cond:
             if job in self._jobs:
                 self._jobs.remove(job)
@@ -104,9 +136,9 @@ class SpeechWorker:
         with self._cond:
             self._stopping = True
             for job in self._jobs:
-                job.cancel.set()
+                job.stop()
             if self.current is not None:
-                self.current.cancel.set()
+                self.current.stop()
             self._cond.notify_all()
         self._thread.join(timeout)
 
@@ -157,6 +189,7 @@ class SpeechWorker:
                     break
                 samples += len(chunk)
                 self.metrics.add("chunks")
+                job.emitted += 1
                 job.emit("audio", chunk)
         finally:
             if chunks is not None and hasattr(chunks, "close"):

@@ -23,7 +23,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from typing import Any
 
@@ -64,6 +64,9 @@ class Session:
         self._next_seq = 1
         self.dialogue = Dialogue()  # the text exchanged with an LLM (talking back), bounded
         self._next_exchange = 1
+        # Called when a segment is generated, before it is kept; False drops it as if cancelled (a server
+        # keeps only segments whose audio its client was sent). None: every finished segment is kept.
+        self.delivered: Callable[[], bool] | None = None
 
     # ---- voices ---------------------------------------------------------------------------------
 
@@ -225,6 +228,8 @@ class Session:
                     self._reply.append(audio)
                     yield audio
             completed = cancel is None or not cancel.is_set()
+            if completed and self.delivered is not None:
+                completed = self.delivered()
         finally:
             stats = self._stats(voice, text, codes, start, first_ms, len(dropped), not completed, bootstrap)
         if not completed or stats.frames == 0 or self.context.version != version:
