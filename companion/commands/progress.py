@@ -37,10 +37,9 @@ class SayProgress:
     def __init__(self, total: int, expected_seconds: float, stream: Any = None) -> None:
         self.total = total
         self.expected = expected_seconds  # of speech, estimated from the text
-        self.done = 0
         self.stream = stream if stream is not None else sys.stderr
         self._chunks: list[np.ndarray] = []
-        self._finished = 0  # how many of _chunks belong to finished parts
+        self._ends: list[int] = []  # for each finished part, how many of _chunks it ends at (one append: Ctrl-C safe)
         self._warned = False
         if expected_seconds > LONG_WORK_SECONDS:
             self._line(f"warning: this text is about {_duration(expected_seconds)} of speech and takes a while to "
@@ -48,13 +47,17 @@ class SayProgress:
             self._warned = True
 
     @property
+    def done(self) -> int:
+        return len(self._ends)
+
+    @property
     def shown(self) -> bool:
         return self.total >= SHOW_FROM_PARTS
 
     def finished_audio(self) -> np.ndarray:
-        if not self._finished:
+        if not self._ends or not self._ends[-1]:
             return np.zeros(0, np.float32)
-        return np.concatenate(self._chunks[: self._finished]).astype(np.float32)
+        return np.concatenate(self._chunks[: self._ends[-1]]).astype(np.float32)
 
     def follow(self, session: Session, chunks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """``chunks`` unchanged; on the way, a line (or the bar) for each part finished."""
@@ -86,9 +89,8 @@ class SayProgress:
         return progress, progress.add_task("speaking", total=self.total)
 
     def _part_done(self, start: float, bar: tuple[Any, Any] | None) -> None:
-        self.done += 1
+        self._ends.append(len(self._chunks))  # what Ctrl-C keeps from now on, and the count, in one step
         self.total = max(self.total, self.done)  # a segment too long for the context is cut once more
-        self._finished = len(self._chunks)
         if not self.shown:
             return
         made = sum(len(c) for c in self._chunks) / 24000
