@@ -250,3 +250,12 @@ def test_companion_home_that_is_a_file_or_a_symlink_loop(tmp_path: Path, compani
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     out = run(["say", "Hello.", "-o", "loop/x.wav", "--model", NO_MODEL], companion_home, tmp_path)
     assert one_line(out) == "error: symbolic link loop: loop: fix or remove the link"
+
+
+def test_an_argument_that_is_not_utf8_gets_one_warning(tmp_path: Path, companion_home: Path) -> None:
+    """Python keeps such bytes as surrogates, which crashed the first write of the text (UnicodeEncodeError)."""
+    out = subprocess.run([*COMPANION, "say", b"Caf\xe9 au lait.", "-o", "x.wav", "--model", NO_MODEL],
+                         capture_output=True, env=env(companion_home), cwd=tmp_path, timeout=120)
+    lines = out.stderr.decode().strip().splitlines()
+    assert lines[0] == "warning: an argument is not all UTF-8: the bytes that are not were left out"
+    assert len(lines) == 2 and "model" in lines[1] and "unexpected" not in lines[1]
