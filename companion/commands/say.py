@@ -44,13 +44,12 @@ def run(args: argparse.Namespace) -> int:
     from companion.text import estimate_seconds, speakable
 
     text = read_stdin_text() if args.text == "-" else args.text
-    segments = speakable(text)  # the one rule for text with nothing to speak
+    settings = settings_for(args)
+    segments = speakable(text, settings.generation.max_segment_seconds)  # the one rule for nothing to speak
     expected = EXPECTED_FACTOR * sum(estimate_seconds(s) for s in segments)
     target = None if args.output is None else check_output_file(args.output, "-o", need_bytes=wav_bytes(expected))
     console = make_console(interactive=False)
-    settings = settings_for(args)
     check_before_loading(settings)
-    segments = speakable(text, settings.generation.max_segment_seconds)
     progress = SayProgress(len(segments), expected)
     output = None if target is not None else open_speech_output(settings, None, console)
     with load_session(settings, console, history=False) as session:
