@@ -259,3 +259,37 @@ def test_an_argument_that_is_not_utf8_gets_one_warning(tmp_path: Path, companion
     lines = out.stderr.decode().strip().splitlines()
     assert lines[0] == "warning: an argument is not all UTF-8: the bytes that are not were left out"
     assert len(lines) == 2 and "model" in lines[1] and "unexpected" not in lines[1]
+
+
+def test_chat_onto_a_full_disk_is_one_line_and_chat_goes_on(mount_point: Path) -> None:
+    """In chat, /save and a reply written as a WAV run in the real turn worker; its one place for a failure
+    gives the commands' line, the worker goes on, and nothing half-written is left behind."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from companion.audio.playback import WavWriter
+    from companion.repl.lines import handle_line
+    from companion.repl.slash import build_registry
+    from companion.repl.turns import TurnWorker
+
+    why = _mount_tmpfs(mount_point, "size=256k")
+    if why:
+        pytest.skip(why)
+    _fill(mount_point)
+    audio = np.full(48000, 0.25, dtype=np.float32)
+    events: list = []
+    worker = TurnWorker(lambda text, cancel: iter([audio]), WavWriter(mount_point), events.append)  # type: ignore[arg-type]
+    ctx = SimpleNamespace(registry=build_registry(), ui=SimpleNamespace(error=events.append), worker=worker, replies=None,
+                          session=SimpleNamespace(last_reply_audio=lambda: audio, conversation_audio=lambda: audio),
+                          save_dir=mount_point)
+    try:
+        assert handle_line(ctx, "Hello there.") is True  # type: ignore[arg-type]
+        assert handle_line(ctx, f"/save {mount_point / 'x.wav'}") is True  # type: ignore[arg-type]
+        assert handle_line(ctx, "/save") is True  # type: ignore[arg-type]
+        worker.wait_idle()
+    finally:
+        worker.close()
+    errors = [e.message for e in events if getattr(e, "kind", None) == "error"]
+    assert errors == [f"no space left on {mount_point}: free some space or write somewhere else"] * 3
+    assert sorted(p.name for p in mount_point.iterdir()) == ["filler"]

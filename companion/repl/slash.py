@@ -16,6 +16,7 @@ from companion.audio.io import write_wav
 from companion.config import GenerationSettings
 from companion.errors import CompanionError
 from companion.oserrors import output_file, output_folder, unique_path
+from companion.paths import get_paths
 from companion.repl.context import ChatContext
 from companion.repl.registry import Quit, Registry, SlashCommand
 from companion.yamlfile import plain_message
@@ -99,8 +100,15 @@ def save(ctx: ChatContext, arg: str) -> None:
     if target:
         path = output_file(Path(target), "/save")
     else:
+        if ctx.save_dir == get_paths().audio_dir:  # companion's own folder (--save-dir was checked at start)
+            ctx.save_dir.mkdir(parents=True, exist_ok=True)
         path = unique_path(output_folder(ctx.save_dir), "conversation" if whole else "reply")
-    write_wav(path, np.asarray(audio, dtype=np.float32), 24000)
+    try:
+        write_wav(path, np.asarray(audio, dtype=np.float32), 24000)
+    except BaseException:
+        if not target:
+            path.unlink(missing_ok=True)  # the name was reserved empty: leave nothing behind
+        raise
     ctx.ui.success(f"saved {len(audio) / 24000:.1f} s to {path}")
 
 
