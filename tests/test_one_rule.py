@@ -255,12 +255,3 @@ def test_chat_mode_without_the_llm_extra_is_refused_before_the_model(tmp_path: P
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
                          input="Hello.\n")
     assert out.stderr.strip() == "error: replies from an LLM need the openai package: pip install 'companion[llm]'"
-
-
-# ---- one piece of advice on the reference's length -----------------------------------------------
-
-def test_every_place_gives_the_same_advice_on_the_reference_length() -> None:
-    texts = [p.read_text(encoding="utf-8") for p in [*ROOT.glob("companion/**/*.py"), *ROOT.glob("docs/*.md"),
-                                                     ROOT / "README.md", ROOT / "clone_files" / "README.md"]]
-    advice = {m for t in texts for m in re.findall(r"\b(\d+-\d+) minutes? (?:is best|of clean speech)", t)}
-    assert advice == {"1-2"}

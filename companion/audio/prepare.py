@@ -86,7 +86,7 @@ def prepare_reference(path: str | os.PathLike[str], settings: ReferenceSettings)
         raise CompanionError(
             f"{path}: too little speech ({speech:.1f} s of speech in {len(raw) / rate:.1f} s of audio), "
             f"at least {settings.min_speech_seconds:.1f} s needed: "
-            "use a longer recording of clear speech (1-2 minutes is best)"
+            "use a longer recording of clear speech (2-3 minutes is best)"
         )
     if settings.trim_silence:
         audio = _trim(audio, segments, settings.max_pause_seconds)

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from companion.commands.common import add_model_arguments, flag_error, settings_from_args
+from companion.commands.common import add_model_arguments, settings_from_args
 from companion.errors import CompanionError, UsageError
 from companion.paths import get_paths
 from companion.voices import GenerationOverrides, VoiceProfile, VoiceStore, read_transcript
@@ -120,6 +120,8 @@ def _words_to_speak(transcript: str, where: str) -> None:
 
 def _flag_error(args: argparse.Namespace, err: ValidationError) -> str:
     """One line naming the flag and its value: ``--temperature -1.0: must be greater than or equal to 0``."""
+    from companion.commands.common import flag_error
+
     first = err.errors()[0]
     key = str(first["loc"][-1]) if first["loc"] else ""
     if key in ("temperature", "topk", "seed", "speaker"):
