@@ -117,3 +117,36 @@ def test_progress_lines_and_the_long_work_warning(companion_home: Path) -> None:
     list(one.follow(session, iter([np.zeros(10, np.float32)])))  # type: ignore[arg-type]
     assert short.getvalue() == ""  # a few sentences: no progress shown
 
+
+
+def test_on_a_terminal_the_progress_is_a_bar(companion_home: Path) -> None:
+    """stderr a terminal (a real pty): rich's bar is drawn there, and no plain lines."""
+    import pty
+    from collections import deque
+    from types import SimpleNamespace
+
+    master, slave = pty.openpty()
+    stream = os.fdopen(slave, "w")
+    session = SimpleNamespace(stats=deque(maxlen=2))
+
+    def chunks():
+        for part in range(3):
+            yield np.full(2400, part, np.float32)
+            session.stats.append(object())
+
+    try:
+        progress = SayProgress(3, 5.0, stream=stream)
+        assert len(list(progress.follow(session, chunks()))) == 3  # type: ignore[arg-type]
+        stream.flush()
+        drawn = b""
+        while True:
+            import select
+
+            if not select.select([master], [], [], 0.5)[0]:
+                break
+            drawn += os.read(master, 65536)
+    finally:
+        stream.close()
+        os.close(master)
+    text = drawn.decode(errors="replace")
+    assert "speaking" in text and "part 1 of 3" not in text
