@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from companion import __version__
 from companion.errors import CompanionError
-from companion.oserrors import describe, quiet_broken_pipe, warn_once
+from companion.oserrors import decode_text, describe, quiet_broken_pipe
 
 # The one list of subcommands, in the order `--help` shows them. Each module defines
 # HELP (one line), add_arguments(parser) and run(args) -> exit code.
@@ -85,11 +85,11 @@ def _error_line(message: str) -> None:
 
 
 def _text_args(argv: Sequence[str]) -> list[str]:
-    """Arguments as text: bytes that are not UTF-8 (which Python keeps as surrogates) are left out, with a warning."""
-    out = []
-    for arg in argv:
-        clean = arg.encode("utf-8", "surrogateescape").decode("utf-8", "ignore")
-        if clean != arg:
-            warn_once("an argument is not all UTF-8: the bytes that are not were left out")
-        out.append(clean)
-    return out
+    """Arguments as text: bytes that are not UTF-8 (which Python keeps as surrogates) are read by the
+    rule stdin follows (companion.oserrors.decode_text)."""
+    return [decode_text(arg.encode("utf-8", "surrogateescape"), "an argument") if _has_surrogates(arg) else arg
+            for arg in argv]
+
+
+def _has_surrogates(text: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in text)

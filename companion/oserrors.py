@@ -7,9 +7,11 @@ Everything here is the one place for its question, so that every command answers
 - ``output_folder(folder)`` / ``output_file(path, ...)``: an output checked before any model work. The
   rule: a missing folder is created when its parent exists, everywhere; the folder must take a file
   (probed by creating one), and, when the size can be estimated, hold it.
-- ``decode_text(data, what)``: bytes the user piped in, as text. The rule: UTF-8; bytes that are not
-  UTF-8 are left out with one warning; input that is not text at all (a NUL byte, more than
-  ``MAX_CONTROL`` of its bytes control codes, or more than ``MAX_UNDECODABLE`` not UTF-8) is refused.
+- ``decode_text(data, what)``: bytes the user gave (stdin, arguments), as text. The rule: UTF-8; text
+  that is not UTF-8 is read as Windows-1252 (Latin-1, the usual other encoding), with one warning;
+  input that is not text at all (a NUL byte, more than
+  ``MAX_CONTROL`` of its bytes control codes, or more than ``MAX_UNDECODABLE`` not UTF-8, beyond ``FEW``
+  of either) is refused.
 - ``quiet_broken_pipe()``: the reader of our output went away (``| head``): end quietly.
 """
 
@@ -30,6 +32,8 @@ from companion.errors import CompanionError, UsageError
 
 MAX_CONTROL = 0.05  # share of bytes that may be control codes before input is "not text"
 MAX_UNDECODABLE = 0.33  # share of bytes that may be outside UTF-8 (short Latin-1 text: "café olé" is 22%)
+FEW = 4  # so many of either are always allowed (a short line: "é", or a pasted bell)
+LEGACY, LEGACY_NAME = "cp1252", "Windows-1252 (Latin-1)"  # the usual encoding of text that is not UTF-8
 BROKEN_PIPE_EXIT = 1  # as rich's own console ends on a broken pipe, so every command ends the same way
 _CONTROL_BYTES = set(range(0x20)) - {0x09, 0x0A, 0x0C, 0x0D, 0x1B}  # ESC starts terminal codes, dropped later
 
@@ -166,25 +170,26 @@ def warn_once(message: str) -> None:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def decode_text(data: bytes, what: str = "stdin") -> str:
-    """``data`` as text by the rule in the module docstring (one warning line; UsageError if not text)."""
+def decode_text(data: bytes, what: str = "stdin", source: str | None = None) -> str:
+    """``data`` as text by the rule in the module docstring (one warning line; UsageError if not text).
+
+    ``what`` names the input in the refusal ("stdin line 3"), ``source`` in the warning ("stdin")."""
     if not data:
         return ""
-    text = data.decode("utf-8", errors="replace")
-    bad = text.count("\ufffd") - data.count(b"\xef\xbf\xbd")  # invalid sequences, not a written U+FFFD
+    bad = data.decode("utf-8", errors="replace").count("\ufffd") - data.count(b"\xef\xbf\xbd")
     controls = sum(1 for b in data if b in _CONTROL_BYTES)
-    if b"\0" in data or controls > MAX_CONTROL * len(data) or bad > MAX_UNDECODABLE * len(data):
+    if b"\0" in data or controls > max(FEW, MAX_CONTROL * len(data)) or bad > max(FEW, MAX_UNDECODABLE * len(data)):
         raise UsageError(f"{what} is not text (it holds binary data): give UTF-8 text")
-    if bad:
-        warn_once(f"{what} is not all UTF-8: the bytes that are not were left out (save it as UTF-8)")
-        text = data.decode("utf-8", errors="ignore")
-    return text
+    if not bad:
+        return data.decode("utf-8")
+    warn_once(f"{source or what} is not UTF-8: read as {LEGACY_NAME}; if words come out wrong, save it as UTF-8")
+    return data.decode(LEGACY, errors="replace").replace("\ufffd", "")
 
 
 def text_lines(stream: Iterable[bytes], what: str = "stdin") -> Iterator[str]:
     """Lines of a byte stream, each decoded by ``decode_text``'s rule."""
     for number, raw in enumerate(stream, start=1):
-        yield decode_text(raw, f"{what} line {number}" if number > 1 else what)
+        yield decode_text(raw, f"{what} line {number}" if number > 1 else what, what)
 
 
 def read_stdin_text() -> str:

@@ -193,10 +193,12 @@ def test_binary_stdin_is_refused_in_one_line_before_the_model(tmp_path: Path, co
 
 
 def test_latin1_stdin_gets_one_warning_then_goes_on(tmp_path: Path, companion_home: Path) -> None:
+    """Text that is not UTF-8 is read as Windows-1252 (its words kept: "café"), after one warning."""
     out = run(["say", "-", "--model", NO_MODEL, "-o", "x.wav"], companion_home, tmp_path,
               stdin="Un café au lait, s'il vous plaît, et une crème brûlée.\n".encode("latin-1"))
     lines = out.stderr.decode().strip().splitlines()
-    assert lines[0] == "warning: stdin is not all UTF-8: the bytes that are not were left out (save it as UTF-8)"
+    assert lines[0] == ("warning: stdin is not UTF-8: read as Windows-1252 (Latin-1); if words come out wrong, "
+                        "save it as UTF-8")
     assert len(lines) == 2 and "model" in lines[1] and "unexpected" not in lines[1]  # it got as far as the model
 
 
@@ -218,7 +220,7 @@ def test_a_latin1_line_piped_into_chat_is_spoken_after_one_warning(tmp_path: Pat
     out = run(["chat", "--model", str(tiny_model_dir), "--save-dir", "replies"], companion_home, tmp_path, stdin=data)
     text = out.stderr.decode() + out.stdout.decode()
     assert out.returncode == 0, text
-    assert text.count("warning: stdin is not all UTF-8") == 1 and "unexpected" not in text
+    assert text.count("warning: stdin is not UTF-8: read as Windows-1252") == 1 and "unexpected" not in text
     assert len(list((tmp_path / "replies").glob("reply-*.wav"))) == 2
 
 
@@ -257,7 +259,8 @@ def test_an_argument_that_is_not_utf8_gets_one_warning(tmp_path: Path, companion
     out = subprocess.run([*COMPANION, "say", b"Caf\xe9 au lait.", "-o", "x.wav", "--model", NO_MODEL],
                          capture_output=True, env=env(companion_home), cwd=tmp_path, timeout=120)
     lines = out.stderr.decode().strip().splitlines()
-    assert lines[0] == "warning: an argument is not all UTF-8: the bytes that are not were left out"
+    assert lines[0] == ("warning: an argument is not UTF-8: read as Windows-1252 (Latin-1); if words come out "
+                        "wrong, save it as UTF-8")
     assert len(lines) == 2 and "model" in lines[1] and "unexpected" not in lines[1]
 
 
