@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from companion import __version__
 from companion.errors import CompanionError
+from companion.oserrors import decode_text, describe, quiet_broken_pipe
 
 # The one list of subcommands, in the order `--help` shows them. Each module defines
 # HELP (one line), add_arguments(parser) and run(args) -> exit code.
@@ -34,27 +35,61 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    debug = bool(getattr(args, "debug", False)) or bool(os.environ.get("COMPANION_DEBUG"))
-    if not getattr(args, "_run", None):
-        parser.print_help()
-        return 2
+    debug = bool(os.environ.get("COMPANION_DEBUG"))
     try:
-        return int(args._run(args) or 0)
+        parser = build_parser()
+        args = parser.parse_args(_text_args(sys.argv[1:] if argv is None else argv))
+        debug = debug or bool(getattr(args, "debug", False))
+        if not getattr(args, "_run", None):
+            parser.print_help()
+            return 2
+        code = int(args._run(args) or 0)
+        _flush_stdout()  # a reader that went away, or a full disk, is found here, not in the interpreter's last flush
+        return code
     except CompanionError as err:
         if debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        _error_line(str(err))
         return err.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `companion history list | head -1`: the reader has what it wanted
+        return quiet_broken_pipe()
+    except OSError as err:  # the user's machine (a full disk, a read-only folder, ...): one line, from one place
+        if debug:
+            raise
+        _error_line(describe(err))
+        return 1
     except Exception as err:  # an unexpected failure: still one line, unless --debug
         if debug:
             raise
-        print(
-            f"error: unexpected {type(err).__name__}: {err} (run again with --debug for the traceback, and please report it)",
-            file=sys.stderr,
-        )
+        _error_line(f"unexpected {type(err).__name__}: {err} (run again with --debug for the traceback, and please report it)")
         return 1
+
+
+def _flush_stdout() -> None:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as err:
+        raise type(err)(err.errno, err.strerror, "standard output") from None
+
+
+def _error_line(message: str) -> None:
+    try:
+        print(f"error: {message}", file=sys.stderr)
+    except (BrokenPipeError, ValueError):
+        pass
+
+
+def _text_args(argv: Sequence[str]) -> list[str]:
+    """Arguments as text: bytes that are not UTF-8 (which Python keeps as surrogates) are read by the
+    rule stdin follows (companion.oserrors.decode_text)."""
+    return [decode_text(arg.encode("utf-8", "surrogateescape"), "an argument") if _has_surrogates(arg) else arg
+            for arg in argv]
+
+
+def _has_surrogates(text: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in text)

@@ -22,6 +22,17 @@ from companion.errors import CompanionError
 log = logging.getLogger(__name__)
 
 
+MISSING_EXTRA = "replies from an LLM need the openai package: pip install 'companion[llm]'"
+
+
+def check_installed() -> None:
+    """The rule for an optional feature: refused when it is chosen (here: chat mode), not at first use."""
+    import importlib.util
+
+    if importlib.util.find_spec("openai") is None:
+        raise CompanionError(MISSING_EXTRA)
+
+
 class LLMClient:
     def __init__(self, settings: LLMSettings) -> None:
         self.settings = settings
@@ -51,12 +62,8 @@ class LLMClient:
                     f"llm.base_url {self.settings.base_url!r} is not a valid http(s) URL: "
                     "write it in full, e.g. http://localhost:11434/v1"
                 )
-            try:
-                import openai
-            except ImportError:
-                raise CompanionError(
-                    "replies from an LLM need the openai package: pip install 'companion[llm]'"
-                ) from None
+            check_installed()
+            import openai
             # Following a redirect would resend the key to wherever it points.
             http = openai.DefaultHttpxClient(follow_redirects=False)
             # No key (a local server): the library insists on one, so it gets a stand-in and the header is left out.
@@ -65,9 +72,9 @@ class LLMClient:
         return self._client
 
     def _pieces(self, messages: list[dict[str, str]]) -> Iterator[str]:
+        client = self._openai()  # first: it says which package is missing
         import openai
 
-        client = self._openai()
         stream = None
         try:
             headers: dict[str, Any] = {} if self._key else {"Authorization": openai.Omit()}

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import platformdirs
 
+from companion.errors import CompanionError
+
 APP = "companion"
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -58,6 +60,9 @@ def get_paths() -> Paths:
     home = os.environ.get("COMPANION_HOME")
     if home:
         root = Path(home).expanduser().resolve()
+        if root.exists() and not root.is_dir():
+            raise CompanionError(f"not a folder: {root} (COMPANION_HOME): point COMPANION_HOME at a folder "
+                                 "(it is created if missing)")
         return Paths(root / "config", root / "data", root / "cache")
     return Paths(
         Path(platformdirs.user_config_dir(APP)),

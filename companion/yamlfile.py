@@ -66,8 +66,32 @@ def describe_validation_error(path: Path | str, err: ValidationError, node: yaml
         return f"{path}: unknown key '{key}'{at}: remove it or check its spelling"
     if kind == "missing":
         return f"{path}: missing key '{key}': add it"
-    more = f" (and {len(err.errors()) - 1} more problem(s))" if len(err.errors()) > 1 else ""
-    return f"{path}: key '{key}'{at}: {first['msg']}{more}"
+    others = len(err.errors()) - 1
+    more = f" (and {others} more problem{'s' if others > 1 else ''} in this file)" if others else ""
+    return f"{path}: key '{key}'{at}: {plain_message(first, 'should be')}{more}"
+
+
+# pydantic's wording for a wrong type -> the user's words (its own is about Python types and classes)
+_TYPE_WORDS = {
+    "model_type": "a group of keys (indented `key: value` lines)", "model_attributes_type": "a group of keys",
+    "dict_type": "a group of keys (indented `key: value` lines)", "int_parsing": "a whole number",
+    "int_type": "a whole number", "int_from_float": "a whole number", "float_parsing": "a number",
+    "float_type": "a number", "bool_parsing": "true or false", "bool_type": "true or false",
+    "string_type": "text", "list_type": "a list", "finite_number": "a finite number",
+}
+
+
+def plain_message(error: Any, verb: str) -> str:
+    """What is wrong with a value, in the user's words: ``"{verb} a whole number"``,
+    ``"{verb} greater than or equal to 0"`` (verb: "should be" for a file, "must be" for a flag)."""
+    kind = str(error.get("type", ""))
+    if kind in _TYPE_WORDS:
+        return f"{verb} {_TYPE_WORDS[kind]}"
+    message = str(error.get("msg", "")).removeprefix("Value error, ")
+    for prefix in ("Input should be ", "input should be "):
+        if message.startswith(prefix):
+            return f"{verb} {message.removeprefix(prefix)}"
+    return message
 
 
 def load_yaml(path: str | Path, schema: type[M], *, allow_empty: bool = True) -> M:

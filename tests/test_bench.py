@@ -98,7 +98,7 @@ def test_bench_leaves_torch_threads_as_they_were(bench_json: dict) -> None:
     [
         (["--model", "x", "--random-weights", "tiny"], "exclude each other"),
         (["--random-weights", "tiny", "--frames", "1"], "--frames must be at least 2"),
-        (["--random-weights", "tiny", "--threads", "0"], "--threads must be at least 1"),
+        (["--random-weights", "tiny", "--threads", "0"], "--threads 0: must be greater than or equal to 1"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -201,3 +201,35 @@ def test_short_text_is_one_segment_and_empty_is_none() -> None:
 ])
 def test_terminal_escapes_and_control_characters_are_not_spoken(typed: str, spoken: str) -> None:
     assert normalize(typed) == spoken
+
+
+# Issue 19 section 6: the readings that were wrong, and more of each class than the issue listed.
+READINGS = [
+    ("C# is fast.", "C sharp is fast."),
+    ("I write c# and F#.", "I write C sharp and F sharp."),
+    ("A# minor, then G\u266f.", "A sharp minor, then G sharp."),
+    ("E\u266d major.", "E flat major."),
+    ("#1 fan", "number one fan."),  # a # before a number is still "number"
+    ("10^100", "ten to the power of one hundred."),
+    ("2^10 bytes", "two to the power of ten bytes."),
+    ("10^-3 of it", "ten to the power of minus three of it."),
+    ("x^2 plus y^3", "x squared plus y cubed."),
+    ("$-0.00", "zero dollars."),
+    ("$-5.50", "minus five dollars and fifty cents."),
+    ("\u20ac-3", "minus three euros."),
+    ("-$0.50", "minus fifty cents."),
+    ("13/13/2024", "thirteen slash thirteen slash twenty twenty-four."),
+    ("02/30/2024", "zero two slash thirty slash twenty twenty-four."),
+    ("02/29/2023", "zero two slash twenty-nine slash twenty twenty-three."),  # not a leap year
+    ("02/29/2024", "February twenty-ninth, twenty twenty-four."),  # a leap year
+    ("4/31/2024", "four slash thirty-one slash twenty twenty-four."),
+    ("31/12/2024", "December thirty-first, twenty twenty-four."),
+    ("2024-02-30", "twenty twenty-four dash zero two dash thirty."),
+    ("Feb 30, 2024", "February thirty, twenty twenty-four."),
+    ("31 April", "thirty-one April."),
+]
+
+
+@pytest.mark.parametrize(("written", "spoken"), READINGS, ids=[c[0] for c in READINGS])
+def test_sharps_powers_signed_money_and_impossible_dates(written: str, spoken: str) -> None:
+    assert normalize(written) == spoken

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from companion.atomic import atomic_write
+from companion.atomic import atomic_write_bytes
 from companion.errors import CompanionError
 
 FORMATS = "WAV, MP3, FLAC or OGG"
@@ -59,7 +60,15 @@ def write_wav(path: str | os.PathLike[str], audio: np.ndarray, sample_rate: int,
     samples = np.asarray(audio, dtype=np.float32)
     if subtype.startswith("PCM"):
         samples = np.clip(samples, -1.0, 1.0)
-    atomic_write(path, lambda tmp: sf.write(str(tmp), samples, sample_rate, subtype=subtype, format="WAV"))
+    atomic_write_bytes(path, encode_audio(samples, sample_rate, "WAV", subtype))
+
+
+def encode_audio(samples: np.ndarray, sample_rate: int, fmt: str, subtype: str | None = None) -> bytes:
+    """The file's bytes, made in memory: the disk is then written by plain file writes, whose OSError
+    (a full disk, a read-only folder) says what happened; libsndfile's own says only "System error"."""
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, sample_rate, subtype=subtype, format=fmt)
+    return buffer.getvalue()
 
 
 def _check_is_file(path: Path) -> None:

@@ -30,6 +30,7 @@ from companion.audio.devices import (
 )
 from companion.audio.io import write_wav
 from companion.audio.quiet import stderr_silenced
+from companion.oserrors import unique_path
 
 SAMPLE_RATE = 24000
 BUFFER_MS = 2000  # the device buffer: how long a stalled process keeps playing (docs/chat.md)
@@ -343,7 +344,6 @@ class WavWriter:
         self.directory = directory
         self.sample_rate = sample_rate
         self.underruns = 0
-        self._count = 0
 
     def describe(self) -> str:
         return f"WAV files: {self.directory}"
@@ -362,14 +362,14 @@ class WavWriter:
         seconds = len(audio) / self.sample_rate
         if (cancel is not None and cancel.is_set()) or not len(audio):
             return PlayReport(seconds, 0, bool(cancel and cancel.is_set()), None)
-        path = self._next_path()
-        write_wav(path, audio, self.sample_rate)
+        self.directory.mkdir(parents=True, exist_ok=True)  # the data folder's audio/ (a user's folder was checked)
+        path = unique_path(self.directory, "reply")
+        try:
+            write_wav(path, audio, self.sample_rate)
+        except BaseException:
+            path.unlink(missing_ok=True)  # the name was reserved empty: leave nothing behind
+            raise
         return PlayReport(seconds, 0, False, None, path)
-
-    def _next_path(self) -> Path:
-        self._count += 1
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        return self.directory / f"reply-{stamp}-{self._count:03d}.wav"
 
 
 def open_output(device: str | int | None, fallback_dir: Path, *, sample_rate: int = SAMPLE_RATE,

@@ -101,12 +101,9 @@ def _render_script(engine: Engine, settings: Settings, lines: list[str], args: a
 
 
 def _check_output(directory: Path) -> None:
-    if directory.exists() and not directory.is_dir():
-        raise CompanionError(f"{directory}: exists and is not a folder: choose another -o DIR")
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CompanionError(f"{directory}: cannot create the output folder ({err.strerror}): choose another -o DIR") from None
+    from companion.oserrors import output_folder
+
+    output_folder(directory, shown=f"-o {directory}")  # the rule every output follows
 
 
 def _render_line(session: Session, line: str, directory: Path, number: int) -> Path:

@@ -54,15 +54,20 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from companion.oserrors import output_folder, stdin_lines
     from companion.repl.app import run_interactive, run_lines
     from companion.repl.console import make_console, typing_held
+    from companion.repl.talk import check_mode
 
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     console = make_console(interactive=interactive)
     settings = settings_for(args)
     check_before_loading(settings, args.resume)
+    check_mode(getattr(args, "mode", None) or ("chat" if settings.llm.enabled else "speak"))  # an extra missing: now
     if args.save_dir is not None and args.save_dir.expanduser().exists() and not args.save_dir.expanduser().is_dir():
         raise UsageError(f"{args.save_dir}: --save-dir is a file: give a folder (it is created if missing)")
+    if args.save_dir is not None:
+        output_folder(args.save_dir, shown=f"--save-dir {args.save_dir}")
     save_dir = args.save_dir.expanduser() if args.save_dir else get_paths().audio_dir
     with ExitStack() as stack:
         with typing_held(sys.stdin) if interactive else nullcontext():  # no keys echoed into the spinner
@@ -73,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         stack.callback(ctx.worker.close)
         if interactive:
             return run_interactive(ctx, get_paths().input_history_file)
-        return run_lines(ctx, sys.stdin)
+        return run_lines(ctx, stdin_lines())
     return 0
 
 
@@ -105,15 +110,12 @@ def open_speech_output(settings: Settings, save_dir: Path | None, console: Conso
     return output
 
 
-def check_output_file(path: Path, flag: str) -> None:
-    """A WAV file that can be written: checked before the model loads."""
-    if path.suffix.lower() != ".wav":
-        raise UsageError(f"{path}: {flag} writes WAV files: give a name ending in .wav")
-    if path.is_dir():
-        raise UsageError(f"{path}: is a folder: give a file name ending in .wav")
-    parent = path.expanduser().absolute().parent
-    if not parent.is_dir():
-        raise UsageError(f"{path}: folder {parent} does not exist: create it first or write somewhere else")
+def check_output_file(path: Path, flag: str, need_bytes: int | None = None) -> Path:
+    """A WAV file that can be written (its folder created when its parent exists, writable, with room
+    for ``need_bytes``): checked before the model loads. Returns the path with ``~`` expanded."""
+    from companion.oserrors import output_file
+
+    return output_file(path, flag, need_bytes=need_bytes)
 
 
 def check_before_loading(settings: Settings, resume: str | None = None) -> None:

@@ -28,9 +28,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Settings:
+    """The settings with the flags applied; a flag out of range is one line naming it (as argparse's own)."""
+    from pydantic import ValidationError
+
     threads = getattr(args, "threads", None)
-    if threads is not None and threads < 1:
-        raise UsageError("--threads must be at least 1")
     overrides: dict[str, Any] = {
         "model": {
             "id": getattr(args, "model", None),
@@ -42,7 +43,21 @@ def settings_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = 
     }
     if extra:
         overrides.update(extra)
-    return load_settings(overrides=overrides)
+    try:
+        return load_settings(overrides=overrides)
+    except ValidationError as err:  # the files were checked layer by layer: this is a flag's value
+        raise UsageError(flag_error(err, args)) from None
+
+
+def flag_error(err: Any, args: argparse.Namespace) -> str:
+    """One line for a flag's value out of range: ``--seed -5: must be greater than or equal to 0``."""
+    from companion.yamlfile import plain_message
+
+    first = err.errors()[0]
+    key = str(first["loc"][-1]) if first["loc"] else ""
+    flag = "--" + key.replace("_", "-")
+    value = getattr(args, key, first.get("input"))
+    return f"{flag} {value}: {plain_message(first, 'must be')}"
 
 
 @contextmanager

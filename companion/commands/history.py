@@ -98,7 +98,7 @@ def _export(store: Store, args: argparse.Namespace) -> int:
     from companion.commands.chat import check_output_file
     from companion.commands.common import open_engine
 
-    check_output_file(args.file, "export")
+    args.file = check_output_file(args.file, "export")
     record = store.session(args.id)
     turns = store.turns(args.id)
     if not turns:

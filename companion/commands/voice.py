@@ -90,8 +90,10 @@ def _profile_from_args(args: argparse.Namespace) -> VoiceProfile:
     transcript_file = None
     if args.transcript_file is not None:
         path = Path(args.transcript_file).expanduser().resolve()
-        read_transcript(path)
+        _words_to_speak(read_transcript(path), str(args.transcript_file))
         transcript_file = _reference(path)
+    else:
+        _words_to_speak(args.transcript, f"--transcript {args.transcript!r}")
     try:
         overrides = GenerationOverrides(temperature=args.temperature, topk=args.topk, seed=args.seed)
         return VoiceProfile(
@@ -106,13 +108,24 @@ def _profile_from_args(args: argparse.Namespace) -> VoiceProfile:
         raise UsageError(_flag_error(args, err)) from None
 
 
+def _words_to_speak(transcript: str, where: str) -> None:
+    """A transcript with nothing to speak is refused by the rule `say`, `chat`, `batch` and `serve` use."""
+    from companion.text import NothingToSay, speakable
+
+    try:
+        speakable(transcript)
+    except NothingToSay as err:
+        raise NothingToSay(f"{where}: {err}") from None
+
+
 def _flag_error(args: argparse.Namespace, err: ValidationError) -> str:
     """One line naming the flag and its value: ``--temperature -1.0: must be greater than or equal to 0``."""
+    from companion.commands.common import flag_error
+
     first = err.errors()[0]
     key = str(first["loc"][-1]) if first["loc"] else ""
     if key in ("temperature", "topk", "seed", "speaker"):
-        message = str(first["msg"]).removeprefix("Input should be ").removeprefix("Value error, ")
-        return f"--{key} {getattr(args, key)}: must be {message}"
+        return flag_error(err, args)
     return describe_validation_error("companion voice add", err)
 
 

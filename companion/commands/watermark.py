@@ -9,10 +9,11 @@ import numpy as np
 import soundfile as sf
 
 from companion import watermark
-from companion.atomic import atomic_write
-from companion.audio.io import read_audio
+from companion.atomic import atomic_write_bytes
+from companion.audio.io import encode_audio, read_audio
 from companion.config import load_settings
 from companion.errors import CompanionError, UsageError
+from companion.oserrors import output_folder
 
 HELP = "embed or detect companion's audio watermark in an audio file"
 DESCRIPTION = (
@@ -45,11 +46,16 @@ def run(args: argparse.Namespace) -> int:
 
 def _embed(src: Path, dst: Path, key: str) -> int:
     fmt = _output_format(dst)
+    output_folder(dst.expanduser().parent, shown=str(dst))  # the rule every output follows, before the work
     audio, rate, subtype = _read(src)
     marked = watermark.embed(audio, rate, key)
     if not sf.check_format(fmt, subtype):
         subtype = sf.default_subtype(fmt)
-    atomic_write(dst, lambda tmp: sf.write(tmp, marked, rate, format=fmt, subtype=subtype))
+    try:
+        data = encode_audio(marked, rate, fmt, subtype)
+    except sf.LibsndfileError:  # check_format accepts pairs libsndfile cannot write (an MP3's encoding in a WAV)
+        data = encode_audio(marked, rate, fmt, sf.default_subtype(fmt))
+    atomic_write_bytes(dst.expanduser(), data)
     print(f"wrote {dst} ({marked.shape[0] / rate:.1f} s, {rate} Hz, watermarked)")
     return 0
 

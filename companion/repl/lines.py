@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from companion.errors import CompanionError
+from companion.oserrors import describe
 from companion.repl.context import ChatContext
 from companion.repl.registry import Quit
 
@@ -23,6 +24,8 @@ def handle_line(ctx: ChatContext, line: str) -> bool:
         return False
     except CompanionError as err:  # one line; the REPL and its context go on
         ctx.ui.error(str(err))
+    except OSError as err:  # the user's machine (/save onto a full disk): the same line the commands give
+        ctx.ui.error(describe(err))
     return True
 
 

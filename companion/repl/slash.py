@@ -6,7 +6,6 @@ the turns typed before them, so `hello` then `/save` saves that reply even while
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,8 +15,11 @@ from pydantic import ValidationError
 from companion.audio.io import write_wav
 from companion.config import GenerationSettings
 from companion.errors import CompanionError
+from companion.oserrors import output_file, output_folder, unique_path
+from companion.paths import get_paths
 from companion.repl.context import ChatContext
 from companion.repl.registry import Quit, Registry, SlashCommand
+from companion.yamlfile import plain_message
 
 Handler = Callable[[ChatContext, str], None]
 
@@ -95,15 +97,19 @@ def save(ctx: ChatContext, arg: str) -> None:
     audio = ctx.session.conversation_audio() if whole else ctx.session.last_reply_audio()
     if audio is None or not len(audio):
         raise CompanionError("nothing to save yet: say something first")
-    path = Path(target).expanduser() if target else ctx.save_dir / _stamped("conversation" if whole else "reply")
-    if path.suffix.lower() != ".wav":
-        raise CompanionError(f"{path}: /save writes WAV files: give a name ending in .wav")
-    write_wav(path, np.asarray(audio, dtype=np.float32), 24000)
+    if target:
+        path = output_file(Path(target), "/save")
+    else:
+        if ctx.save_dir == get_paths().audio_dir:  # companion's own folder (--save-dir was checked at start)
+            ctx.save_dir.mkdir(parents=True, exist_ok=True)
+        path = unique_path(output_folder(ctx.save_dir), "conversation" if whole else "reply")
+    try:
+        write_wav(path, np.asarray(audio, dtype=np.float32), 24000)
+    except BaseException:
+        if not target:
+            path.unlink(missing_ok=True)  # the name was reserved empty: leave nothing behind
+        raise
     ctx.ui.success(f"saved {len(audio) / 24000:.1f} s to {path}")
-
-
-def _stamped(prefix: str) -> str:
-    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}.wav"
 
 
 def watermark(ctx: ChatContext, arg: str) -> None:
@@ -125,7 +131,7 @@ def _generation_setter(name: str, parse: Callable[[str], object]) -> Handler:
                 value = parse(arg)
                 GenerationSettings.model_validate({name: value})  # the config's limits
             except (ValueError, ValidationError) as err:
-                raise CompanionError(f"/{name} {arg}: {_first_error(err)}") from None
+                raise CompanionError(f"/{name} {arg}: {_first_error(err, name)}") from None
             ctx.session.overrides[name] = value
         voice = ctx.session.voice
         current = getattr(ctx.session.options(voice), name) if voice else ctx.session.overrides.get(
@@ -136,10 +142,10 @@ def _generation_setter(name: str, parse: Callable[[str], object]) -> Handler:
     return handler
 
 
-def _first_error(err: Exception) -> str:
+def _first_error(err: Exception, name: str) -> str:
     if isinstance(err, ValidationError):
-        return str(err.errors()[0]["msg"]).lower()
-    return f"not a number ({err})"
+        return plain_message(err.errors()[0], "must be")
+    return {"seed": "must be a whole number (or off)", "topk": "must be a whole number"}.get(name, "must be a number")
 
 
 def _seed(text: str) -> int | None:

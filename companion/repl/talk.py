@@ -70,6 +70,11 @@ class Replies:
 
 
 def check_mode(mode: str) -> str:
+    """``mode`` when it can be used: chat mode needs the llm extra, and is refused now when it is missing."""
     if mode not in MODES:
         raise CompanionError(f"unknown mode '{mode}': use speak (what you type is spoken) or chat (the LLM answers)")
+    if mode == "chat":
+        from companion.llm import check_installed
+
+        check_installed()
     return mode

@@ -233,4 +233,8 @@ class TurnWorker:
 def _one_line(err: BaseException) -> str:
     if isinstance(err, CompanionError):
         return str(err)
+    if isinstance(err, OSError):  # a reply written to a full disk, a folder gone read-only: the user's machine
+        from companion.oserrors import describe
+
+        return describe(err)
     return f"unexpected {type(err).__name__}: {err} (run with --debug for the traceback, and please report it)"

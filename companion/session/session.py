@@ -38,7 +38,7 @@ from companion.session.context import MIN_TEXT_POSITIONS, Context, ContextRow, T
 from companion.session.dialogue import Dialogue, Exchange
 from companion.session.script import assign_voices, is_clear, parse_line
 from companion.store import Store, TurnRecord, VoiceRecord
-from companion.text import NOTHING_TO_SAY, prepare
+from companion.text import NOTHING_TO_SAY, NothingToSay, prepare
 from companion.voices import DEFAULT_VOICE
 
 STATS_KEPT = 200
@@ -170,7 +170,7 @@ class Session:
         default = voice or self.active or self.settings.voice or DEFAULT_VOICE
         parts = parse_line(text, self.known_voices())
         if not any(prepare(p.text) for p in parts):  # before any voice is loaded or any model work
-            raise CompanionError(NOTHING_TO_SAY)
+            raise NothingToSay(NOTHING_TO_SAY)
         order = list(self.context.voices) or [default]
         voiced = [(self._voice(name), part) for name, part in assign_voices(parts, order, default)]
         if self.active is None and voiced:

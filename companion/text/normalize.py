@@ -7,11 +7,15 @@ phone numbers, ranges, fractions -> abbreviations -> remaining numbers -> symbol
 -> punctuation and spacing. Each step is a small function over the whole text.
 
 Conventions (documented in docs/session.md): ``3/4/2025`` is month/day/year unless the first number is
-over 12; a four-digit number from 1100 to 2099 without a thousands comma reads as a year.
+over 12; a date that is not on the calendar (``13/13/2024``, ``02/30/2024``) is read as numbers with
+"slash" or "dash", not as a date; a four-digit number from 1100 to 2099 without a thousands comma reads
+as a year; ``C#`` and the other notes A-G before ``#`` read "sharp"; ``10^100`` is "ten to the power of
+one hundred" (``^2`` "squared", ``^3`` "cubed").
 """
 
 from __future__ import annotations
 
+import calendar
 import re
 import unicodedata
 from collections.abc import Callable
@@ -158,6 +162,25 @@ def _email(m: re.Match[str]) -> str:
     return f"{_say_host(user)} at {_say_host(host)}"
 
 
+def _full_year(year_str: str | None) -> int | None:
+    if not year_str:
+        return None
+    return int(year_str) + (2000 if len(year_str) == 2 else 0)
+
+
+def _on_calendar(month: int, day: int, year_str: str | None) -> bool:
+    """Whether ``month``/``day`` (of the year, when given; else of a leap year) is a real date."""
+    if not 1 <= month <= 12:
+        return False
+    y = _full_year(year_str)
+    return 1 <= day <= calendar.monthrange(y if y is not None and y >= 1 else 2024, month)[1]
+
+
+def _not_a_date(parts: list[str], sep: str) -> str:
+    """Numbers that look like a date but are not one: each number read, joined by ``sep``."""
+    return f" {sep} ".join(_number(p) for p in parts)
+
+
 def _date_words(month: int, day: int, year_str: str | None) -> str:
     words = f"{MONTHS[month - 1]} {ordinal(day)}"
     if year_str:
@@ -168,24 +191,24 @@ def _date_words(month: int, day: int, year_str: str | None) -> str:
 
 def _iso_date(m: re.Match[str]) -> str:
     mo, d = int(m.group(2)), int(m.group(3))
-    if not (1 <= mo <= 12 and 1 <= d <= 31):
-        return m.group(0)
+    if not _on_calendar(mo, d, m.group(1)):
+        return _not_a_date([m.group(1), m.group(2), m.group(3)], "dash")
     return _date_words(mo, d, m.group(1))
 
 
 def _slash_date(m: re.Match[str]) -> str:
     a, b = int(m.group(1)), int(m.group(2))
     month, day = (b, a) if a > 12 else (a, b)
-    if not (1 <= month <= 12 and 1 <= day <= 31):
-        return m.group(0)
+    if not _on_calendar(month, day, m.group(3)):
+        return _not_a_date([m.group(1), m.group(2), m.group(3)], "slash")
     return _date_words(month, day, m.group(3))
 
 
 def _month_day(m: re.Match[str]) -> str:
     month = _MONTH_ABBR[m.group(1)[:3].lower()]
     day = int(m.group(2))
-    if not 1 <= day <= 31:
-        return m.group(0)
+    if not _on_calendar(MONTHS.index(month) + 1, day, m.group(3)):
+        return f"{month} {cardinal(day)}" + (f", {year(int(m.group(3)))}" if m.group(3) else "")
     words = f"{month} {ordinal(day)}"
     return words + (f", {year(int(m.group(3)))}" if m.group(3) else "")
 
@@ -193,8 +216,8 @@ def _month_day(m: re.Match[str]) -> str:
 def _day_month(m: re.Match[str]) -> str:
     day = int(m.group(1))
     month = _MONTH_ABBR[m.group(2)[:3].lower()]
-    if not 1 <= day <= 31:
-        return m.group(0)
+    if not _on_calendar(MONTHS.index(month) + 1, day, m.group(3)):
+        return f"{cardinal(day)} {month}" + (f", {year(int(m.group(3)))}" if m.group(3) else "")
     the = "" if re.search(r"\bthe\s+$", m.string[: m.start()], re.I) else "the "  # "on the 5th of May"
     return f"{the}{ordinal(day)} of {month}" + (f", {year(int(m.group(3)))}" if m.group(3) else "")
 
@@ -233,10 +256,12 @@ def _money_words(symbol: str, amount: str, scale: str | None) -> str:
 
 
 def _money(m: re.Match[str]) -> str:
-    return _minus(m.group(1)) + _money_words(m.group(2), m.group(3), m.group(4) or m.group(5))
+    """``-$5``, ``$-5``: minus five dollars; a minus before zero is not read (``$-0.00``: zero dollars)."""
+    negative = (m.group(1) or m.group(3)) and re.search(r"[1-9]", m.group(4))
+    return _minus(negative) + _money_words(m.group(2), m.group(4), m.group(5) or m.group(6))
 
 
-def _minus(sign: str | None) -> str:
+def _minus(sign: object) -> str:
     return "minus " if sign else ""
 
 
@@ -255,6 +280,16 @@ def _fraction(m: re.Match[str]) -> str:
         one, many = _FRACTIONS[den]
         return f"{cardinal(num)} {one if num == 1 else many}" if num != 1 or den != 2 else "one half"
     return f"{cardinal(num)} over {cardinal(den)}"
+
+
+def _power(m: re.Match[str]) -> str:
+    base = m.group(1) if m.group(1).isalpha() else _number(m.group(1))
+    exponent = m.group(2).replace("\u2212", "-")
+    if exponent == "2":
+        return f"{base} squared"
+    if exponent == "3":
+        return f"{base} cubed"
+    return f"{base} to the power of {decimal(exponent)}"
 
 
 def _number(s: str) -> str:
@@ -350,13 +385,16 @@ STEPS: list[Callable[[str], str]] = [
     _sub(r"\b(?:https?://|www\.)[^\s<>\"')\]]+", _url),
     _sub(r"\b[a-z0-9-]+(?:\.[a-z0-9-]+)*\.(?:com|org|net|io|dev|ai|edu|gov|co\.uk|de|fr)\b(?:/[^\s<>\"')\]]*)?",
          _url, re.I),
+    _sub(r"(?<![\w#])([A-Ga-g])(?:#|\u266f)(?![\w#])", lambda m: f"{m.group(1).upper()} sharp"),  # C#, F# minor
+    _sub(r"(?<![\w#])([A-Ga-g])\u266d(?!\w)", lambda m: f"{m.group(1).upper()} flat"),
+    _sub(r"\b(\d+(?:\.\d+)?|[A-Za-z])\s?\^\s?([-\u2212]?\d+(?:\.\d+)?)\b", _power),  # 10^100, x^2
     _sub(r"\b(\d{4})-(\d{1,2})-(\d{1,2})\b", _iso_date),
     _sub(r"\b(\d{1,2})/(\d{1,2})/(\d{4}|\d{2})\b", _slash_date),
     _sub(rf"\b({_MONTH_RE})\s+(\d{{1,2}})(?:st|nd|rd|th)?\b(?:,?\s+(\d{{4}})\b)?", _month_day),
     _sub(rf"\b(\d{{1,2}})(?:st|nd|rd|th)?\s+(?:of\s+)?({_MONTH_RE})(?:,?\s+(\d{{4}})\b)?", _day_month),
     _sub(rf"\b(\d{{1,2}}):(\d{{2}})(?::(\d{{2}}))?(?:\s*{_MERIDIEM})?", _time),
     _sub(rf"\b(\d{{1,2}})()()\s*{_MERIDIEM}", _time),
-    _sub(rf"{_SIGN}([$€£¥₹])\s?({_NUM})(?:\s?(k|K|m|M|bn|B)\b|\s+(thousand|million|billion|trillion)\b)?", _money),
+    _sub(rf"{_SIGN}([$€£¥₹])\s?([-\u2212])?({_NUM})(?:\s?(k|K|m|M|bn|B)\b|\s+(thousand|million|billion|trillion)\b)?", _money),
     _sub(rf"\b({_NUM})\s?(USD|EUR|GBP|JPY|INR)\b", _money_code),
     _sub(rf"{_SIGN}({_NUM})\s?%", lambda m: f"{_minus(m.group(1))}{decimal(m.group(2))} percent"),
     _sub(rf"{_SIGN}\b({_NUM})\s?({'|'.join(re.escape(u) for u in sorted(UNITS, key=len, reverse=True))})(?![\w/])", _unit),

@@ -24,6 +24,8 @@ PAUSE_CLAUSE = 0.15  # seconds after , ; :
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
 _CLAUSE_END = re.compile(r"(?<=[,;:])\s+")
+_ENDS = re.compile(r"[.!?]+(?=\s|$)")
+_CLAUSES = re.compile(r"[,;:](?=\s|$)")
 
 
 def syllables(word: str) -> int:
@@ -40,13 +42,25 @@ def syllables(word: str) -> int:
     return max(count, 1)
 
 
+def _counts(text: str) -> tuple[int, int, int]:
+    """(syllables, sentence ends, clause marks) of ``text``: each adds up over texts joined by a space,
+    which lets packing grow a segment without reading it again (long text is packed in linear time)."""
+    syl = sum(syllables(w) for w in text.split())
+    return syl, len(_ENDS.findall(text)), len(_CLAUSES.findall(text))
+
+
+def _seconds(counts: tuple[int, int, int]) -> float:
+    syl, ends, clauses = counts
+    return syl / SYLLABLES_PER_SECOND + PAUSE_SENTENCE * ends + PAUSE_CLAUSE * clauses
+
+
+def _plus(a: tuple[int, int, int], b: tuple[int, int, int]) -> tuple[int, int, int]:
+    return a[0] + b[0], a[1] + b[1], a[2] + b[2]
+
+
 def estimate_seconds(text: str) -> float:
     """Estimated duration of ``text`` spoken by CSM, in seconds (see the module docstring)."""
-    words = text.split()
-    syl = sum(syllables(w) for w in words)
-    ends = len(re.findall(r"[.!?]+(?=\s|$)", text))
-    clauses = len(re.findall(r"[,;:](?=\s|$)", text))
-    return syl / SYLLABLES_PER_SECOND + PAUSE_SENTENCE * ends + PAUSE_CLAUSE * clauses
+    return _seconds(_counts(text))
 
 
 def split_sentences(text: str) -> list[str]:
@@ -58,11 +72,14 @@ def _split_words(text: str, max_seconds: float) -> list[str]:
     """Pieces of ``text`` cut between words, each estimated under ``max_seconds`` where a word allows."""
     pieces: list[str] = []
     current: list[str] = []
+    counts = (0, 0, 0)
     for word in text.split():
-        if current and estimate_seconds(" ".join([*current, word])) > max_seconds:
+        word_counts = _counts(word)
+        if current and _seconds(_plus(counts, word_counts)) > max_seconds:
             pieces.append(" ".join(current))
-            current = []
+            current, counts = [], (0, 0, 0)
         current.append(word)
+        counts = _plus(counts, word_counts)
     if current:
         pieces.append(" ".join(current))
     return pieces
@@ -84,15 +101,17 @@ def _units(sentence: str, max_seconds: float) -> list[str]:
 def pack(units: list[str], max_seconds: float) -> list[str]:
     """Join consecutive units with spaces while the estimate stays within ``max_seconds``."""
     segments: list[str] = []
-    current = ""
+    current: list[str] = []
+    counts = (0, 0, 0)
     for unit in units:
-        joined = f"{current} {unit}" if current else unit
-        if current and estimate_seconds(joined) > max_seconds:
-            segments.append(current)
-            joined = unit
-        current = joined
+        unit_counts = _counts(unit)
+        if current and _seconds(_plus(counts, unit_counts)) > max_seconds:
+            segments.append(" ".join(current))
+            current, counts = [], (0, 0, 0)
+        current.append(unit)
+        counts = _plus(counts, unit_counts)
     if current:
-        segments.append(current)
+        segments.append(" ".join(current))
     return segments
 
 
