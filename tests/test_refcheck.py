@@ -140,6 +140,17 @@ def test_doctor_checks_the_transcripts_of_saved_voices(data_dir: Path) -> None:
     assert "voice narrator" not in rows  # the shipped example is fine
 
 
+def test_show_gives_the_rate_and_the_problem(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    VoiceStore().add(VoiceProfile(name="hi", audio=[str(data_dir / "guest.mp3")], transcript="Hi."))
+    assert main(["voice", "show", "hi"]) == 0
+    out = capsys.readouterr().out
+    assert "transcript: 0.1 letters a second of speech (people speak about 13)" in out
+    assert "✗ voice 'hi': the transcript does not match the recording: 2 letters in 18.3 s" in out
+    assert main(["voice", "show", "narrator"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"transcript: 1[23]\.\d letters a second of speech", out) and "✗" not in out
+
+
 @pytest.mark.parametrize("doc", ["README.md", "clone_files/README.md", "docs/voices.md", "config/voices/narrator.yaml"])
 def test_one_advice_on_the_length(doc: str) -> None:
     """Every place that advises a length gives the one the messages give."""

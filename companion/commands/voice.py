@@ -181,12 +181,17 @@ def _show(args: argparse.Namespace, console: Console) -> int:
     if files:
         from companion.audio.prepare import prepare_references
         from companion.refbudget import reference_cost
+        from companion.refcheck import RATE, check_transcript
 
         settings = settings_from_args(args)
         prepared = prepare_references(files, settings.reference)
         _print_reports(console, prepared.reports, prepared.seconds)
         cost = reference_cost(settings, len(prepared.samples), transcript or "", profile.speaker)
         console.print(cost.summary() if cost.fits else f"memory: {cost.refusal(profile.name)}")
+        check = check_transcript(transcript or "", sum(r.speech_seconds for r in prepared.reports))
+        console.print(f"transcript: {check.rate:.1f} letters a second of speech (people speak about {RATE:.0f})")
+        for problem in filter(None, [check.refusal(profile.name), *check.warnings(profile.name)]):
+            console.print(f"✗ {problem}", markup=False)
     return 0
 
 
