@@ -137,7 +137,7 @@ def _interrupted(argv: list[str], out: Path, sig: signal.Signals) -> tuple[int, 
     return proc.returncode, err, _manifest(out)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill"])
 def test_a_killed_batch_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(
         setup: None, tiny_model_dir: Path, tmp_path: Path, sig: signal.Signals) -> None:
     script = tmp_path / "play.txt"
