@@ -5,7 +5,8 @@ the text as written and as spoken, seconds, seed, and a hash of everything that 
 
     hash(line) = sha256(hash of the line before, the line as written and as spoken, the default voice,
                         the identity of every voice it may use (profile, audio file bytes, transcript),
-                        the model (id + weights), generation / context / reference / watermark settings)
+                        the model (id + weights), generation / context / reference / watermark settings,
+                        companion's version and the reference preparation's)
 
 Lines are spoken as one conversation (each line hears the lines before it), so a line's hash covers
 the lines before it. A line is "done" once its WAV and its take (``.takes/NNN.safetensors``: the codes
@@ -95,8 +96,11 @@ def line_hash(previous: str, parts: dict[str, Any]) -> str:
 
 
 def settings_identity(settings: Settings) -> dict[str, Any]:
-    """The settings that decide the audio (the model's identity included), for line hashes."""
-    return {"model": model_identity(settings),
+    """The settings that decide the audio (the model's identity and the program's version included)."""
+    from companion import __version__
+    from companion.audio.prepare import PIPELINE_VERSION
+
+    return {"model": model_identity(settings), "companion": __version__, "preparation": PIPELINE_VERSION,
             **{k: getattr(settings, k).model_dump(mode="json") for k in ("model", "generation", "context",
                                                                         "reference", "watermark")}}
 
