@@ -91,9 +91,42 @@ class ReferenceCost:
                 f"(about {self.left_seconds:.0f} s of talk before the oldest turns are dropped)")
 
     def refusal(self, name: str) -> str:
+        if self.text_positions > self.frames:  # more text than audio: not speech's words (about 1 to 4)
+            return (f"voice '{name}': its transcript ({self.text_positions} positions for {self.seconds:.1f} s of audio) "
+                    f"is too long for the context ({self.max_seq_len} positions, {self.room} left after the reply's "
+                    "frames): give only the words spoken in the recording")
         return (f"voice '{name}': its reference ({self.seconds:.1f} s, {self.positions} positions) does not fit "
                 f"the context ({self.max_seq_len} positions, {self.room} left after the reply's frames): "
                 f"use a reference of at most {self.longest_seconds:.1f} s, or raise context.max_seq_len in config.yaml")
+
+
+def too_long(settings: Settings, name: str, files: list[Path], transcript: str, speaker: int) -> str | None:
+    """The refusal ``voice add`` gives when a profile's recording can never fit the context, else None.
+
+    Quick when it fits: the files' durations (read from their headers) bound the prepared audio from
+    above. Only a recording that may be too long is prepared to count it exactly. Without the model's
+    tokenizer the transcript's cost is a guess, so then only the audio alone decides.
+    """
+    import soundfile as sf
+
+    from companion.audio.prepare import prepare_references
+
+    try:
+        seconds = sum(sf.info(str(f)).duration for f in files) + settings.reference.max_pause_seconds * len(files)
+    except (OSError, RuntimeError):
+        return None  # an unreadable file: using the voice says what is wrong with it
+    if reference_cost(settings, int(seconds * SAMPLE_RATE), transcript, speaker).fits:
+        return None
+    from companion.errors import CompanionError
+
+    try:
+        prepared = prepare_references(files, settings.reference)
+    except CompanionError:
+        return None  # the same: using the voice gives the file's own error
+    cost = reference_cost(settings, len(prepared.samples), transcript, speaker)
+    if cost.fits or (not cost.exact and cost.frames + 3 <= cost.room):
+        return None
+    return cost.refusal(name)
 
 
 def reference_cost(settings: Settings, samples: int, transcript: str, speaker: int) -> ReferenceCost:

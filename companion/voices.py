@@ -21,7 +21,7 @@ from pydantic_core import PydanticCustomError
 from companion.atomic import atomic_write_text
 from companion.audio.io import write_wav
 from companion.audio.prepare import SAMPLE_RATE, PreparationReport, prepare_references
-from companion.config import ReferenceSettings
+from companion.config import ReferenceSettings, Settings
 from companion.errors import CompanionError
 from companion.paths import Paths, get_paths, shipped_clone_dir, shipped_config_dir
 from companion.textfile import read_text_file
@@ -194,14 +194,33 @@ class VoiceStore:
         shipped_broken = [b for b in self._scan(self.shipped_dir)[1] if b.name not in user_good]
         return sorted(user_broken + shipped_broken, key=lambda b: (b.name, str(b.path)))
 
-    def problem(self, profile: VoiceProfile) -> str | None:
-        """Why ``profile`` cannot be used (a missing audio or transcript file), or None."""
+    def problem(self, profile: VoiceProfile, settings: Settings | None = None) -> str | None:
+        """Why ``profile`` cannot be used (a missing file, a recording too long for the context), or None."""
+        return self.file_problem(profile) or self.too_long(profile, settings)
+
+    def file_problem(self, profile: VoiceProfile) -> str | None:
+        """Why ``profile``'s audio or transcript cannot be read (a missing file), or None."""
         try:
             profile.audio_paths(self.paths)
             profile.transcript_text(self.paths)
         except CompanionError as err:
             return str(err)
         return None
+
+    def too_long(self, profile: VoiceProfile, settings: Settings | None = None) -> str | None:
+        """The refusal ``voice add`` gives when ``profile``'s recording can never fit the context (with
+        ``settings``, default: the config file's), else None. Its files must be readable."""
+        from companion.config import load_settings
+        from companion.refbudget import too_long
+
+        files = profile.audio_paths(self.paths)
+        if not files:
+            return None
+        try:
+            settings = settings or load_settings(self.paths)
+        except CompanionError:
+            return None  # an invalid config: every command says so on its own
+        return too_long(settings, profile.name, files, profile.transcript_text(self.paths) or "", profile.speaker)
 
     def _merged(self) -> dict[str, VoiceProfile | BrokenProfile]:
         """name -> the profile that counts (a user file over a shipped one), good or broken."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -92,3 +95,160 @@ def test_batch_errors_are_one_line(setup: None, tiny_model_dir: Path, tmp_path: 
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+PLAY = """Good morning.
+guest16: Morning to you.
+How did you sleep?
+guest16: Not well, the neighbours had a party.
+Yes. || No. || Sure.
+$CLEAR$
+guest16: Bye.
+Bye then.
+"""
+
+
+def _manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+
+
+def _times(out: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _interrupted(argv: list[str], out: Path, sig: signal.Signals) -> tuple[int, str, dict]:
+    """Start a batch, and once its manifest shows two lines done, send ``sig``; (exit code, stderr, manifest)."""
+    proc = subprocess.Popen([sys.executable, "-m", "companion", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        while proc.poll() is None:
+            try:
+                done = [e for e in _manifest(out)["lines"] if e["done"] and not e["clear"]]
+            except (OSError, ValueError):  # not written yet (it is written atomically: never half)
+                done = []
+            if len(done) >= 2:
+                proc.send_signal(sig)
+                break
+            time.sleep(0.02)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err, _manifest(out)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill"])
+def test_a_killed_batch_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(
+        setup: None, tiny_model_dir: Path, tmp_path: Path, sig: signal.Signals) -> None:
+    script = tmp_path / "play.txt"
+    script.write_text(PLAY)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    args = [str(script), "--model", str(tiny_model_dir), "--voice", "guest", "--seed", "3"]
+
+    first = companion("batch", *args, "-o", str(whole))
+    assert first.returncode == 0, first.stderr
+    manifest = _manifest(whole)
+    lines = manifest["lines"]
+    assert manifest["complete"] and manifest["conversation"] == "conversation.wav"
+    assert [e["text"] for e in lines] == [ln for ln in PLAY.splitlines() if ln]  # every line, as written
+    assert [e["line"] for e in lines] == list(range(1, 9)) and [e["index"] for e in lines] == list(range(1, 9))
+    assert lines[1]["spoken"] == "Morning to you." and lines[1]["voice"] == "guest16" and lines[4]["voice"] == "guest+guest16"
+    assert all(e["done"] and e["seed"] == 3 and (whole / e["file"]).is_file() and e["seconds"] > 0
+               for e in lines if not e["clear"])
+    assert len({e["hash"] for e in lines}) == 8 and lines[5]["clear"] and lines[5]["file"] is None
+
+    before, sessions = _times(whole), len(Store().sessions())
+    again = companion("batch", *args, "-o", str(whole))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == f"nothing to render: all 8 lines in {whole} are up to date (skipped 8)"
+    assert _times(whole) == before and len(Store().sessions()) == sessions  # nothing written, no history entry
+
+    code, err, stopped = _interrupted(["batch", *args, "-o", str(cut)], cut, sig)
+    assert code == (130 if sig == signal.SIGINT else -signal.SIGKILL), err
+    done = [e for e in stopped["lines"] if e["done"]]
+    assert not stopped["complete"] and 2 <= len([e for e in done if not e["clear"]]) < 7
+    assert all((cut / e["file"]).is_file() for e in done if not e["clear"])  # the manifest claims no missing file
+    if sig == signal.SIGINT:
+        assert f"interrupted: {len([e for e in done if not e['clear']])} of 7 lines are rendered" in err
+    kept = _times(cut)
+
+    resumed = companion("batch", *args, "-o", str(cut))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"skipped {len(done)} lines already rendered" in resumed.stderr
+    assert f"wrote {7 - len([e for e in done if not e['clear']])} lines (skipped {len(done)} already rendered)" in resumed.stdout
+    for e in done:
+        if not e["clear"]:
+            assert _times(cut)[e["file"]] == kept[e["file"]]  # not rendered again
+    assert _manifest(cut)["lines"] == lines  # the same files, voices, seconds, hashes
+    for name in ["conversation.wav", *(e["file"] for e in lines if e["file"])]:
+        assert (cut / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+def test_a_changed_line_renders_it_and_what_follows_and_drops_old_files(setup: None, tiny_model_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    script, out = tmp_path / "s.txt", tmp_path / "out"
+    script.write_text("One.\nTwo.\nThree.\n")
+    args = ["batch", str(script), "-o", str(out), "--model", str(tiny_model_dir), "--voice", "guest", "--seed", "1",
+            "--no-history"]
+    assert companion(*args).returncode == 0
+    before = _times(out)
+    script.write_text("One.\nTwo, changed.\n")
+    result = companion(*args)
+    assert result.returncode == 0, result.stderr
+    assert "wrote 1 lines (skipped 1 already rendered)" in result.stdout
+    after = _times(out)
+    assert after["001-guest.wav"] == before["001-guest.wav"] and after["002-guest.wav"] != before["002-guest.wav"]
+    assert "003-guest.wav" not in after and "003.safetensors" not in after  # the longer run's files are gone
+    assert [e["text"] for e in _manifest(out)["lines"]] == ["One.", "Two, changed."]
+
+
+@pytest.mark.parametrize(
+    ("content", "extra", "message"),
+    [
+        ("Hi.\nnosuch: hello\n", [], "s.txt, line 2: 'nosuch' is not a voice (voices: guest, guest16, narrator, default): "
+                                     "fix the name, or write \\nosuch: to speak it as written"),
+        ("Hi.\nguest || nosuch : hello\n", [], "s.txt, line 2: 'nosuch' is not a voice"),
+        (b"\x00\x01binary\xff", [], "s.txt: script is not UTF-8 text: save it as UTF-8"),
+        (b"ab\x00cd\n", [], "s.txt: script is not a text file (it holds binary data)"),
+        ("", [], "s.txt: the script has no lines to speak"),
+        ("$CLEAR$\n", [], "s.txt: the script has no lines to speak"),
+    ],
+)
+def test_script_errors_come_before_any_model_work(tmp_path: Path, setup: None, content: str | bytes,
+                                                  extra: list[str], message: str) -> None:
+    script = tmp_path / "s.txt"
+    script.write_bytes(content if isinstance(content, bytes) else content.encode())
+    out = tmp_path / "o"
+    result = companion("batch", str(script), "-o", str(out), "--model", "no-model-here", *extra)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: {script.parent}/{message}" or (
+        result.stderr.startswith(f"error: {script.parent}/{message}") and len(result.stderr.strip().splitlines()) == 1
+    ), result.stderr
+    assert not out.exists()  # refused before the folder was made or the model looked for
+
+
+def test_the_escape_and_paragraphs(setup: None) -> None:
+    from companion.session.script import parse_line, script_lines, unknown_prefix
+
+    assert unknown_prefix("\\nosuch: hello", ["guest"]) is None and unknown_prefix("Note: milk", []) == "Note"
+    assert unknown_prefix("At 10:30 we go", []) is None and unknown_prefix("https://example.com", []) is None
+    assert [(p.voice, p.text) for p in parse_line("\\guest: hello", ["guest"])] == [(None, "guest: hello")]
+    wrapped = "# intro\nIt was a dark\nand stormy night.\n\nguest: The rain\nfell.\n$CLEAR$\nEnd.\n"
+    assert script_lines(wrapped, paragraphs=True) == [(2, "It was a dark and stormy night."), (5, "guest: The rain fell."),
+                                                      (7, "$CLEAR$"), (8, "End.")]
+    assert script_lines(wrapped) == [(2, "It was a dark"), (3, "and stormy night."), (5, "guest: The rain"),
+                                     (6, "fell."), (7, "$CLEAR$"), (8, "End.")]
+
+
+def test_a_folder_batch_did_not_write_is_refused_unless_forced(setup: None, tmp_path: Path) -> None:
+    script, out = tmp_path / "s.txt", tmp_path / "photos"
+    script.write_text("Hi.\n")
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"\xff\xd8")
+    refused = companion("batch", str(script), "-o", str(out), "--model", "no-model-here")
+    assert refused.returncode == 1 and refused.stderr.strip() == (
+        f"error: {out}: this folder has files that batch did not write: choose a new or empty -o DIR, "
+        "or pass --force to write into it")
+    forced = companion("batch", str(script), "-o", str(out), "--model", "no-model-here", "--force")
+    assert forced.returncode == 1 and "batch did not write" not in forced.stderr  # it went on, to the (missing) model
+    assert (out / "holiday.jpg").exists()

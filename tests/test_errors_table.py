@@ -63,6 +63,14 @@ CASES: list[tuple[str, str]] = [
     ("a script line with nothing to say", "companion batch script.txt -o out --model no-model-here"),
     ("a script with an unknown voice", "companion batch lines.txt -o out --voice nosuch --model no-model-here"),
 ]
+# Issue 19: the transcript check and batch's script and folder (a block of their own, to ease merging).
+CASES += [
+    ("a transcript that is not the recording's words", "companion voice add x --audio speech.mp3 --transcript Hi"),
+    ("a transcript of emoji only", "companion voice add x --audio speech.mp3 --transcript 🎉🎉"),
+    ("a script line naming no voice", "companion batch prefix.txt -o out --model no-model-here"),
+    ("a binary script", "companion batch binary.txt -o out --model no-model-here"),
+    ("a folder batch did not write", "companion batch lines.txt -o photos --model no-model-here"),
+]
 
 # (what it shows, the command line as typed): the second table, its own block in docs/errors.md
 MACHINE_CASES: list[tuple[str, str]] = [
@@ -103,6 +111,11 @@ def _sandbox(folder: Path, home: Path) -> None:
     voices.mkdir(parents=True, exist_ok=True)
     (voices / "g16.yaml").write_text("name: g16\nspeeker: 1\n", encoding="utf-8")
     (voices / "g32.yaml").write_text("name: g32\naudio: gone.wav\ntranscript: Hi.\n", encoding="utf-8")
+    # issue 19's rows
+    (folder / "prefix.txt").write_text("Hello there.\nnosuch: hello\n", encoding="utf-8")
+    (folder / "binary.txt").write_bytes(b"PK\x03\x04\x00\x00binary")
+    (folder / "photos").mkdir()
+    (folder / "photos" / "holiday.jpg").write_bytes(b"\xff\xd8\xff")
 
 
 def _argv(line: str) -> list[str]:

@@ -86,7 +86,7 @@ ADVICE = re.compile(r"(\d)-(\d) minutes")
 
 
 @pytest.mark.parametrize("doc", ["clone_files/README.md", "config/voices/narrator.yaml", "docs/voices.md",
-                                 "companion/commands/voice.py"])
+                                 "companion/audio/prepare.py"])
 def test_the_recommended_length_fits_the_default_budget(doc: str, data_dir: Path) -> None:
     """The longest recommended reference, spoken at the shipped narrator's rate, leaves at least a minute
     of conversation with the default config (counted on the safe side, without the real tokenizer)."""

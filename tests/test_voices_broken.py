@@ -19,7 +19,8 @@ def voices(data_dir: Path) -> Path:
     folder.mkdir(parents=True)
     (folder / "g16.yaml").write_text("name: g16\nspeeker: 1\n", encoding="utf-8")
     (folder / "g32.yaml").write_text("name: g32\naudio: /nowhere/g32.wav\ntranscript: hi\n", encoding="utf-8")
-    VoiceStore().add(VoiceProfile(name="g96", audio=[str(data_dir / "guest.mp3")], transcript="Hello there."))
+    VoiceStore().add(VoiceProfile(name="g96", audio=[str(data_dir / "guest.mp3")],
+                                  transcript=(data_dir / "guest.txt").read_text(encoding="utf-8")))
     return folder
 
 

@@ -36,8 +36,9 @@ def test_round_trip_on_narrator_and_guest(data_dir: Path) -> None:
     assert f"added voice 'narrator' -> {voices / 'narrator.yaml'}" in narrator.stdout
     assert "narrator.mp3: 44100 Hz x2, 118.3 s -> " in narrator.stdout and "-> -23.0 LUFS" in narrator.stdout
 
+    words = " ".join([(data_dir / "guest.txt").read_text(encoding="utf-8").strip()] * 2)  # both recordings say it
     guest = companion("voice", "add", "guest", "--audio", str(data_dir / "guest.mp3"), "--audio",
-                      str(data_dir / "guest_22k.wav"), "--transcript", "Honestly, I had a long day.",
+                      str(data_dir / "guest_22k.wav"), "--transcript", words,
                       "--speaker", "1", "--temperature", "0.7")
     assert guest.returncode == 0, guest.stderr
     assert "guest.mp3: 24000 Hz x1" in guest.stdout and "guest_22k.wav: 22050 Hz x1" in guest.stdout
@@ -52,7 +53,7 @@ def test_round_trip_on_narrator_and_guest(data_dir: Path) -> None:
     show = companion("voice", "show", "guest")
     assert show.returncode == 0
     for expected in ["voice:      guest", f"profile:    {voices / 'guest.yaml'}", "speaker:    1",
-                     "transcript: Honestly, I had a long day. (6 words)", "generation: temperature=0.7",
+                     f"transcript: {words[:69]}… ({len(words.split())} words)", "generation: temperature=0.7",
                      "guest.mp3: 24000 Hz x1, 19.9 s -> ", "memory: the reference takes "]:
         assert expected in show.stdout
 

@@ -28,6 +28,8 @@ PIPELINE_VERSION = 1
 EDGE_PAD_SECONDS = 0.1  # silence kept before the first and after the last speech
 CROSSFADE_SECONDS = 0.005  # where a pause is shortened, the two sides are cross-faded
 MIN_LOUDNESS_SECONDS = 0.4  # BS.1770 gating block: shorter audio has no integrated loudness
+# The advice on a reference's length, everywhere it is given (messages, help; the docs say the same).
+RECOMMENDED_LENGTH = "1-2 minutes"
 
 
 @dataclass
@@ -86,7 +88,7 @@ def prepare_reference(path: str | os.PathLike[str], settings: ReferenceSettings)
         raise CompanionError(
             f"{path}: too little speech ({speech:.1f} s of speech in {len(raw) / rate:.1f} s of audio), "
             f"at least {settings.min_speech_seconds:.1f} s needed: "
-            "use a longer recording of clear speech (2-3 minutes is best)"
+            f"use a longer recording of clear speech ({RECOMMENDED_LENGTH} is best)"
         )
     if settings.trim_silence:
         audio = _trim(audio, segments, settings.max_pause_seconds)

@@ -9,12 +9,16 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from companion import __version__
 from companion.atomic import atomic_write_text
 from companion.config import Settings, load_settings, user_config_template
 from companion.errors import CompanionError
 from companion.paths import Paths, get_paths, shipped_config_dir
+
+if TYPE_CHECKING:
+    from companion.voices import VoiceProfile
 
 HELP = "check the installation: torch, device, audio, model cache, config"
 DESCRIPTION = (
@@ -79,7 +83,7 @@ def run_checks(paths: Paths) -> list[Check]:
         _dir_check("cache dir", paths.cache_dir),
         _guard("model", lambda: _model_check(settings)),
         _guard("context", lambda: _context_check(settings, config_check)),
-        *_voices_checks(paths),
+        *_voices_checks(paths, settings if config_check.status != FAIL else None),
         _llm_check(settings),
     ]
     return checks
@@ -255,8 +259,9 @@ def _cache_size(model_id: str) -> str:
     return repos[0].size_on_disk_str if repos else "size unknown"
 
 
-def _voices_checks(paths: Paths) -> list[Check]:
-    """One row for the voices, then a FAIL row for each profile that cannot be used, with its error."""
+def _voices_checks(paths: Paths, settings: Settings | None) -> list[Check]:
+    """One row for the voices, then a FAIL row for each profile that cannot be used, with its error, and
+    a WARN row for each transcript that may not be the words of its recording."""
     from companion.voices import VoiceStore
 
     store = VoiceStore(paths)
@@ -264,12 +269,40 @@ def _voices_checks(paths: Paths) -> list[Check]:
     shipped = _yaml_files(shipped_config_dir() / "voices")
     total = len(user) + len(shipped)
     failures = [Check(f"voice {b.name}", FAIL, b.error) for b in store.broken()]
-    failures += [Check(f"voice {p.name}", FAIL, problem) for p in store.list() if (problem := store.problem(p))]
+    for p in store.list():
+        problem = store.file_problem(p) or (store.too_long(p, settings) if settings is not None else None)
+        if problem:
+            failures.append(Check(f"voice {p.name}", FAIL, problem))
+        elif settings is not None:
+            failures += _transcript_rows(p, settings)
     status = OK if total else WARN  # each profile that cannot be used is its own FAIL row
     fix = "" if total else ": add one with `companion voice add`"
-    broken = f"; {len(failures)} cannot be used (below)" if failures else ""
+    unusable = sum(c.status == FAIL for c in failures)
+    broken = f"; {unusable} cannot be used (below)" if unusable else ""
     summary = Check("voices", status, f"{total} ({len(user)} yours in {paths.voices_dir}, {len(shipped)} shipped){broken}{fix}")
     return [summary, *failures]
+
+
+def _transcript_rows(profile: VoiceProfile, settings: Settings) -> list[Check]:
+    """The transcript plausibility check of ``voice add``, on a saved profile (its recording prepared)."""
+    from companion.audio.prepare import prepare_references
+    from companion.refcheck import check_transcript
+
+    files = profile.audio_paths()
+    if not files:
+        return []
+    name = f"voice {profile.name}"
+    try:
+        prepared = prepare_references(files, settings.reference)
+    except CompanionError as err:
+        return [Check(name, FAIL, str(err))]
+    except Exception as err:  # doctor reports problems, it does not stop at the first one
+        return [Check(name, FAIL, f"check failed ({type(err).__name__}: {err}): please report it")]
+    check = check_transcript(profile.transcript_text() or "", sum(r.speech_seconds for r in prepared.reports))
+    refusal = check.refusal(profile.name)
+    if refusal:
+        return [Check(name, FAIL, refusal)]
+    return [Check(name, WARN, warning) for warning in check.warnings(profile.name)]
 
 
 def _yaml_files(folder: Path) -> list[Path]:

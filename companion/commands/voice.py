@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,6 +12,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from companion.audio.prepare import RECOMMENDED_LENGTH
 from companion.commands.common import add_model_arguments, settings_from_args
 from companion.errors import CompanionError, UsageError
 from companion.paths import get_paths
@@ -23,7 +25,7 @@ from companion.yamlfile import describe_validation_error
 HELP = "manage voice profiles: add, list, show, remove"
 DESCRIPTION = (
     "Manage voice profiles (one YAML file per voice in your data folder; examples ship in config/voices). "
-    "A voice is 1-2 minutes of clean speech of one speaker plus its transcript. Without ACTION: list."
+    f"A voice is {RECOMMENDED_LENGTH} of clean speech of one speaker plus its transcript. Without ACTION: list."
 )
 
 
@@ -65,14 +67,19 @@ def _add(args: argparse.Namespace, console: Console) -> int:
         store.add(profile)  # raises the "already exists" error before the audio is prepared
     from companion.audio.prepare import prepare_references
     from companion.refbudget import reference_cost
+    from companion.refcheck import check_transcript
 
     settings = settings_from_args(args)
     prepared = prepare_references(profile.audio_paths(), settings.reference)
     transcript = profile.transcript_text() or ""
+    check = check_transcript(transcript, sum(r.speech_seconds for r in prepared.reports))
     cost = reference_cost(settings, len(prepared.samples), transcript, profile.speaker)
-    if not cost.fits:  # it could never be used: say so now, not at the first reply
+    refusal = check.refusal(profile.name) or (None if cost.fits else cost.refusal(profile.name))
+    if refusal:  # it could never be used: say so now, not at the first reply
         _print_reports(console, prepared.reports, prepared.seconds)
-        raise CompanionError(cost.refusal(profile.name))
+        raise CompanionError(refusal)
+    for warning in check.warnings(profile.name):
+        print(f"warning: {warning}", file=sys.stderr)
     path = store.add(profile, force=args.force)
     console.print(f"added voice '{profile.name}' -> {path}")
     _print_reports(console, prepared.reports, prepared.seconds)
@@ -145,7 +152,8 @@ def _list(args: argparse.Namespace, console: Console) -> int:
     problems: list[str] = []
     for p in profiles:
         transcript = p.transcript if p.transcript is not None else (f"file: {Path(p.transcript_file).name}" if p.transcript_file else "")
-        problem = store.problem(p)
+        missing = store.file_problem(p)
+        problem = missing or store.too_long(p)
         if problem:
             problems.append(f"{p.name}: {problem}")
         table.add_row(
@@ -154,7 +162,7 @@ def _list(args: argparse.Namespace, console: Console) -> int:
             ", ".join(Path(a).name for a in p.audio) or "(none yet)",
             transcript if len(transcript) <= 40 else transcript[:39] + "…",
             "yours" if store.is_user(p) else "example",
-            "[red]file missing[/]" if problem else "ok",
+            "[red]file missing[/]" if missing else "[red]too long[/]" if problem else "ok",
         )
     for b in broken:
         problems.append(f"{b.name}: {b.error}")
@@ -186,12 +194,17 @@ def _show(args: argparse.Namespace, console: Console) -> int:
     if files:
         from companion.audio.prepare import prepare_references
         from companion.refbudget import reference_cost
+        from companion.refcheck import RATE, check_transcript
 
         settings = settings_from_args(args)
         prepared = prepare_references(files, settings.reference)
         _print_reports(console, prepared.reports, prepared.seconds)
         cost = reference_cost(settings, len(prepared.samples), transcript or "", profile.speaker)
         console.print(cost.summary() if cost.fits else f"memory: {cost.refusal(profile.name)}")
+        check = check_transcript(transcript or "", sum(r.speech_seconds for r in prepared.reports))
+        console.print(f"transcript: {check.rate:.1f} letters a second of speech (people speak about {RATE:.0f})")
+        for problem in filter(None, [check.refusal(profile.name), *check.warnings(profile.name)]):
+            console.print(f"✗ {problem}", markup=False)
     return 0
 
 

@@ -28,7 +28,7 @@ import torch
 
 from companion.engine import Segment
 from companion.errors import CompanionError
-from companion.refbudget import MIN_TEXT_POSITIONS, longest_reference_seconds
+from companion.refbudget import MIN_TEXT_POSITIONS, ReferenceCost
 
 __all__ = ["MIN_TEXT_POSITIONS", "Context", "ContextRow", "TextTooLong", "Turn", "Voice"]
 # When the context overflows, turns are pruned down to this share of what they may use (config
@@ -122,15 +122,12 @@ class Context:
         return self.positions(seg) if seg is not None else 0
 
     def _refusal(self, voice: Voice, positions: int, room: int) -> str:
+        """The refusal ``voice add`` gives for the same reference (one message, companion.refbudget)."""
         assert voice.codes is not None
         frames = int(voice.codes.shape[-1])
-        duration = frames / self.frame_rate
-        fit_s = longest_reference_seconds(frames, positions, room, self.frame_rate)
-        return (
-            f"voice '{voice.name}': its reference ({duration:.1f} s, {positions} positions) "
-            f"does not fit the context ({self.max_seq_len} positions, {room} left after the reply's frames): "
-            f"use a reference of at most {fit_s:.1f} s, or raise context.max_seq_len in config.yaml"
-        )
+        reserve = self.max_seq_len - MIN_TEXT_POSITIONS - room
+        cost = ReferenceCost(frames, positions - frames - 1, self.max_seq_len, reserve, self.frame_rate, True)
+        return cost.refusal(voice.name)
 
     def references(self) -> list[Segment]:
         return [seg for v in self.voices.values() if (seg := v.segment()) is not None]

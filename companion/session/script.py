@@ -2,7 +2,8 @@
 
 ``parse_line`` turns one line into parts; each part is spoken by one voice (``None``: the part's voice
 is chosen by alternation). A ``name:`` prefix only counts when ``name`` is a voice the caller knows,
-so "Note: buy milk" stays text.
+so "Note: buy milk" stays text in a chat; a batch script, where a typo in a voice name would be spoken
+aloud, refuses it (``unknown_prefix``). ``\\name:`` is always text: "name: ..." is spoken.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from dataclasses import dataclass
 CLEAR = "$CLEAR$"
 ALTERNATE = "||"
 _NAMED = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9_-]{0,63})\s*:\s*(.*)$", re.S)
+# What reads as a voice prefix in a script: a name with a letter in it, a colon, a space ("10:30" and
+# "https://..." do not).
+_PREFIX = re.compile(r"^\s*([A-Za-z0-9_-]*[A-Za-z][A-Za-z0-9_-]*)\s*:(\s|$)")
+ESCAPE = "\\"
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,8 @@ def is_clear(line: str) -> bool:
 
 def split_name(text: str, known: Collection[str]) -> Part:
     """``"guest: hi"`` -> Part("guest", "hi") when guest is known; otherwise Part(None, text)."""
+    if text.lstrip().startswith(ESCAPE) and _NAMED.match(text.lstrip()[1:]):  # \\name: is text
+        return Part(None, text.lstrip()[1:].strip())
     m = _NAMED.match(text)
     if m and m.group(1) in known:
         return Part(m.group(1), m.group(2).strip())
@@ -52,3 +59,36 @@ def assign_voices(parts: list[Part], order: list[str], active: str) -> list[tupl
 def read_script(text: str) -> list[str]:
     """The utterance lines of a batch script: blank lines and ``#`` comments dropped."""
     return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def unknown_prefix(line: str, known: Collection[str]) -> str | None:
+    """The first ``name:`` in ``line`` (or in one of its ``a || b`` parts) that is not a voice in ``known``."""
+    for piece in line.split(ALTERNATE):
+        m = _PREFIX.match(piece)
+        if m and m.group(1) not in known:
+            return m.group(1)
+    return None
+
+
+def script_lines(text: str, paragraphs: bool = False) -> list[tuple[int, str]]:
+    """(line number, utterance) for each utterance of a batch script: blank lines and ``#`` comments
+    dropped. With ``paragraphs``, lines wrapped by hand are joined: a blank line ends an utterance
+    (a ``$CLEAR$`` line stands alone either way)."""
+    found: list[tuple[int, str]] = []
+    start = 0
+    words: list[str] = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if line.startswith("#"):
+            continue
+        if line and paragraphs and not is_clear(line):
+            start, words = start or number, [*words, line]
+            continue
+        if words:
+            found.append((start, " ".join(words)))
+            start, words = 0, []
+        if line:
+            found.append((number, line))
+    if words:
+        found.append((start, " ".join(words)))
+    return found
