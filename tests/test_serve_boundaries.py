@@ -78,19 +78,10 @@ def test_a_chunked_body_at_the_limit_is_served_one_byte_more_is_refused(server: 
     assert ok.status_code == 200 and len(ok.content) > 0, ok.text
     before = server.state.metrics.chunks
     refused = server.http.post("/v1/audio/speech", content=chunked(padded(LIMIT + 1)), headers=headers)
-    # A valid request: only the limit can refuse it. Today FastAPI reports the body the limit cut off as
-    # unparsable (400); issue 20 answers 413 (the next test).
-    assert refused.status_code in (400, 413), refused.text
-    error(refused, refused.status_code)
-    assert server.state.metrics.chunks == before  # nothing was generated for it
-
-
-@pytest.mark.xfail(strict=True, reason="issue 20: a chunked body over the limit answers 400 today, 413 after it")
-def test_a_chunked_body_over_the_limit_is_a_413(server: LiveServer) -> None:
-    refused = server.http.post("/v1/audio/speech", content=chunked(padded(LIMIT + 1)),
-                               headers={"content-type": "application/json"})
+    # A valid request: only the limit can refuse it, as it refuses a Content-Length one.
     err = error(refused, 413)
     assert err["code"] == "body_too_large" and str(LIMIT) in err["message"]
+    assert server.state.metrics.chunks == before  # nothing was generated for it
 
 
 # ---- validation: every kind of bad field is the client's error, one line naming the field
