@@ -70,19 +70,7 @@ def split_sentences(text: str) -> list[str]:
 
 def _split_words(text: str, max_seconds: float) -> list[str]:
     """Pieces of ``text`` cut between words, each estimated under ``max_seconds`` where a word allows."""
-    pieces: list[str] = []
-    current: list[str] = []
-    counts = (0, 0, 0)
-    for word in text.split():
-        word_counts = _counts(word)
-        if current and _seconds(_plus(counts, word_counts)) > max_seconds:
-            pieces.append(" ".join(current))
-            current, counts = [], (0, 0, 0)
-        current.append(word)
-        counts = _plus(counts, word_counts)
-    if current:
-        pieces.append(" ".join(current))
-    return pieces
+    return pack(text.split(), max_seconds)
 
 
 def _units(sentence: str, max_seconds: float) -> list[str]:
