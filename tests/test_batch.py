@@ -171,9 +171,16 @@ def test_a_killed_batch_resumes_where_it_stopped_and_ends_as_an_uninterrupted_on
     if sig == signal.SIGINT:
         assert f"interrupted: {len([e for e in done if not e['clear']])} of 7 lines are rendered" in err
     kept = _times(cut)
+    with Store() as store:
+        sessions = {s.id: s.turn_count for s in store.sessions()}
+    assert stopped["history"] in sessions and sessions[stopped["history"]] >= 2  # the cut run's entry
 
     resumed = companion("batch", *args, "-o", str(cut))
     assert resumed.returncode == 0, resumed.stderr
+    with Store() as store:  # the resumed run's entry replaces the cut one's: one conversation, every line
+        after = {s.id: s.turn_count for s in store.sessions()}
+    assert set(after) == set(sessions) - {stopped["history"]} | {_manifest(cut)["history"]}
+    assert after[_manifest(cut)["history"]] == after[_manifest(whole)["history"]]
     assert f"skipped {len(done)} lines already rendered" in resumed.stderr
     assert f"wrote {7 - len([e for e in done if not e['clear']])} lines (skipped {len(done)} already rendered)" in resumed.stdout
     for e in done:

@@ -91,8 +91,23 @@ def run(args: argparse.Namespace) -> int:
     _forget(old, plan, kept, args.output)
     manifest = Manifest(str(args.script), plan)
     manifest.write(args.output)
+    # A resumed run records the whole conversation again (kept lines replayed): it replaces the history
+    # entry of the run it finishes, so a Ctrl-C and a rerun leave one conversation, not two.
+    replaces = old.history if old is not None and not old.complete and not args.force else None
+    _warn_if_long(manifest, kept)
     with open_engine(settings) as engine:
-        return _render(engine, settings, voices, manifest, kept, takes, args)
+        return _render(engine, settings, voices, manifest, kept, takes, args, replaces)
+
+
+def _warn_if_long(manifest: Manifest, kept: int) -> None:
+    """One warning before work whose speech alone is estimated at over ``LONG_WORK_SECONDS``."""
+    from companion.commands.progress import LONG_WORK_SECONDS, _duration
+    from companion.text.segment import estimate_seconds
+
+    speech = sum(estimate_seconds(e.spoken) for e in manifest.lines[kept:] if not e.clear)
+    if speech > LONG_WORK_SECONDS:
+        print(f"warning: these lines are about {_duration(speech)} of speech and take a while to render; "
+              "Ctrl-C stops it, and the same command later renders the rest", file=sys.stderr)
 
 
 def _check_voices(voices: VoiceStore, lines: list[tuple[int, str]]) -> None:
@@ -197,7 +212,7 @@ def _inside(folder: Path, name: str) -> bool:
 
 
 def _render(engine: Engine, settings: Settings, voices: VoiceStore, manifest: Manifest, kept: int,
-            takes: list[list[Take]], args: argparse.Namespace) -> int:
+            takes: list[list[Take]], args: argparse.Namespace, replaces: int | None = None) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -228,10 +243,16 @@ def _render(engine: Engine, settings: Settings, voices: VoiceStore, manifest: Ma
                 if i < kept:
                     recorder.replay(takes[i])
                     list(session.speak(entry.text))
-                    continue
-                _render_line(session, recorder, entry, args.output, number)
-                manifest.write(args.output)  # after the line's files: the manifest never claims a missing file
-                progress.advance(task)
+                else:
+                    _render_line(session, recorder, entry, args.output, number)
+                if store is not None and session.session_id is not None and manifest.history != session.session_id:
+                    manifest.history = session.session_id
+                    if replaces is not None:  # the new entry holds every line the old one had, from the first on
+                        store.delete_session(replaces)
+                        replaces = None
+                if i >= kept:
+                    manifest.write(args.output)  # after the line's files: the manifest never claims a missing file
+                    progress.advance(task)
         _write(args.output / CONVERSATION, session.conversation_audio(), engine.sample_rate)
         manifest.complete = True
         manifest.write(args.output)

@@ -58,10 +58,11 @@ class Manifest:
     lines: list[LineEntry] = field(default_factory=list)
     complete: bool = False  # every line done and conversation.wav written
     format: int = FORMAT
+    history: int | None = None  # the history conversation this run records (None: --no-history, or none yet)
 
     def write(self, folder: Path) -> None:
         data = {"format": self.format, "script": self.script, "complete": self.complete,
-                "conversation": CONVERSATION if self.complete else None,
+                "conversation": CONVERSATION if self.complete else None, "history": self.history,
                 "done": sum(e.done for e in self.lines), "lines": [asdict(e) for e in self.lines]}
         atomic_write_text(folder / MANIFEST, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
 
@@ -72,7 +73,9 @@ class Manifest:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             lines = [LineEntry(**e) for e in data["lines"]]
-            return cls(str(data["script"]), lines, bool(data["complete"]), int(data["format"]))
+            history = data.get("history")
+            return cls(str(data["script"]), lines, bool(data["complete"]), int(data["format"]),
+                       int(history) if history is not None else None)
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise CompanionError(f"{path}: cannot be read ({type(err).__name__}): pass --force to render everything "
                                  "again, or choose another -o DIR") from None
