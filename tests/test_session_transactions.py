@@ -112,9 +112,9 @@ def test_a_conversation_cleared_after_a_hang_up_stays_empty(tiny_model_dir: Path
     engine = make_engine(tiny_model_dir, MAX)
     settings = make_settings(MAX, seconds=SECONDS)
     with Store() as store:
-        conversations = Conversations(engine, settings, store, add_profile(data_dir, "guest"), ReferenceCache(), 4)
+        conversations = Conversations(engine, settings, store, add_profile(data_dir, "guest"), ReferenceCache())
         list(conversations.speak("Yes.", "guest", "c1", threading.Event()))
-        session = conversations._live["c1"]
+        session = conversations._live[("", "c1")]
         while session.context.used() + engine.text_positions(0, "Good.") + session.max_frames() <= MAX:
             list(conversations.speak("Right.", "guest", "c1", threading.Event()))  # until the next reply prunes
         assert len(conversations.describe("c1")["turns"]) >= 2
