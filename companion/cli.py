@@ -10,7 +10,9 @@ from collections.abc import Sequence
 
 from companion import __version__
 from companion.errors import CompanionError
-from companion.oserrors import decode_text, describe, quiet_broken_pipe
+from companion.oserrors import decode_text, describe, discard_stdout, quiet_broken_pipe
+
+STDOUT = "standard output"  # how an error writing our output names it
 
 # The one list of subcommands, in the order `--help` shows them. Each module defines
 # HELP (one line), add_arguments(parser) and run(args) -> exit code.
@@ -60,6 +62,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         _error_line(describe(err))
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            discard_stdout()  # our output cannot be written: the interpreter's last flush must not try again
         return 1
     except Exception as err:  # an unexpected failure: still one line, unless --debug
         if debug:
@@ -74,7 +80,7 @@ def _flush_stdout() -> None:
     except BrokenPipeError:
         raise
     except OSError as err:
-        raise type(err)(err.errno, err.strerror, "standard output") from None
+        raise type(err)(err.errno, err.strerror, STDOUT) from None
 
 
 def _error_line(message: str) -> None:

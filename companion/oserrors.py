@@ -212,10 +212,16 @@ def stdin_lines() -> Iterator[str]:
 
 def quiet_broken_pipe() -> int:
     """Our reader went away: point stdout at nothing (so the final flush cannot fail) and end quietly."""
+    discard_stdout()
+    return BROKEN_PIPE_EXIT
+
+
+def discard_stdout() -> None:
+    """Point stdout at nothing: what is still buffered for a reader that went away (or a full disk) is
+    dropped by the interpreter's last flush instead of failing it with a second message."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
     except (OSError, ValueError):
         pass
-    return BROKEN_PIPE_EXIT

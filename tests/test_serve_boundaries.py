@@ -32,7 +32,7 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("COMPANION_HOME", str(home / "companion_home"))
         mp.setenv("HOME", str(home / "home"))
-        live = LiveServer(serve_settings(tiny_model_dir, max_body_bytes=LIMIT, max_conversations=2))
+        live = LiveServer(serve_settings(tiny_model_dir, max_body_bytes=LIMIT, live_conversations=2))
         try:
             yield live
         finally:
@@ -118,17 +118,17 @@ def speak(server: LiveServer, conversation: str) -> None:
 
 def test_one_conversation_more_than_memory_holds_drops_the_least_recently_used(server: LiveServer) -> None:
     """Memory holds 2. a and b are opened, a is used again (read back), c is opened: b goes, not a."""
-    live = server.state.conversations._live  # the conversations held in memory, most recently used last
+    live = server.state.conversations._live  # (key's namespace, id) held in memory, most recently used last
     speak(server, "lru-a")
     speak(server, "lru-b")
-    kept = live["lru-a"]
+    kept = live[("", "lru-a")]
     assert server.http.get("/v1/conversations/lru-a").status_code == 200
     speak(server, "lru-c")
-    assert list(live) == ["lru-a", "lru-c"]
-    assert live["lru-a"] is kept  # the same session, not one resumed from the history
+    assert [name for _, name in live] == ["lru-a", "lru-c"]
+    assert live[("", "lru-a")] is kept  # the same session, not one resumed from the history
     speak(server, "lru-a")  # used again: c is now the least recent
     speak(server, "lru-d")
-    assert list(live) == ["lru-a", "lru-d"]
+    assert [name for _, name in live] == ["lru-a", "lru-d"]
     # a dropped conversation is resumed from the history, with everything it said
     turns = server.http.get("/v1/conversations/lru-b").json()["turns"]
     assert [t["text"] for t in turns] == ["Hi."]

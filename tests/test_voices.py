@@ -32,9 +32,9 @@ GOOD = "name: bob\nspeaker: 1\naudio: narrator.mp3\ntranscript: Hello there.\n"
     [
         ("name: bob\naudio: [a.wav\ntranscript: hi\n", "YAML syntax error at line 3"),
         ("name: bob\nspeeker: 1\n", "unknown key 'speeker' (line 2): remove it or check its spelling"),
-        ("name: bob\nspeaker: two\n", "key 'speaker' (line 2): Input should be a valid integer"),
-        ("name: bob\nspeaker: -1\n", "key 'speaker' (line 2): Input should be greater than or equal to 0"),
-        ("name: bob\ngeneration:\n  topk: many\n", "key 'generation.topk' (line 3): Input should be a valid integer"),
+        ("name: bob\nspeaker: two\n", "key 'speaker' (line 2): should be a whole number"),
+        ("name: bob\nspeaker: -1\n", "key 'speaker' (line 2): should be greater than or equal to 0"),
+        ("name: bob\ngeneration:\n  topk: many\n", "key 'generation.topk' (line 3): should be a whole number"),
         ("name: bob\ngeneration:\n  temprature: 0.5\n", "unknown key 'generation.temprature' (line 3)"),
         ("name: bob\naudio: 3\n", "key 'audio' (line 2): expected a file path or a list of file paths"),
         ("name: bob\naudio: [a.wav, {x: 1}]\n", "key 'audio' (line 2): expected a file path or a list of file paths"),
