@@ -41,6 +41,7 @@ class ContextSettings(Schema):
 
 class EngineSettings(Schema):
     threads: int | None = Field(None, ge=1, le=1024)  # torch CPU threads; None: torch's own choice
+    max_batch: int = Field(1, ge=1, le=64)  # streams generated together by serve and batch (chat: always 1)
 
 
 class ReferenceSettings(Schema):

@@ -75,8 +75,9 @@ def torch_threads(threads: int | None) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
-def memory_estimate(settings: Settings) -> tuple[MemoryEstimate, int, str]:
-    """What the model with ``context.max_seq_len`` needs on its device, what is there, and what that is."""
+def memory_estimate(settings: Settings, streams: int = 1) -> tuple[MemoryEstimate, int, str]:
+    """What the model with ``context.max_seq_len`` for ``streams`` streams at once needs on its device,
+    what is there, and what that is."""
     from companion.config import resolve_model_path
     from companion.engine.loading import select_device, select_dtype
     from companion.engine.memory import available_memory, estimate
@@ -84,29 +85,30 @@ def memory_estimate(settings: Settings) -> tuple[MemoryEstimate, int, str]:
     m = settings.model
     device = select_device(m.device)
     dtype_bytes = select_dtype(m.dtype, device).itemsize
-    est = estimate(resolve_model_path(m.id), m.revision, settings.context.max_seq_len, dtype_bytes)
+    est = estimate(resolve_model_path(m.id), m.revision, settings.context.max_seq_len, dtype_bytes, streams)
     available, what = available_memory(device.type)
     return est, available, what
 
 
-def check_memory(settings: Settings) -> None:
-    """One line and no model work when ``context.max_seq_len`` cannot fit in memory beside the weights."""
+def check_memory(settings: Settings, streams: int = 1) -> None:
+    """One line and no model work when ``context.max_seq_len`` (for ``streams`` streams at once) cannot
+    fit in memory beside the weights."""
     from companion.engine.memory import fits, too_big_message
 
-    est, available, what = memory_estimate(settings)
+    est, available, what = memory_estimate(settings, streams)
     if not fits(est, available):
         raise CompanionError(too_big_message(est, available, what))
 
 
 @contextmanager
-def open_engine(settings: Settings) -> Iterator[Engine]:
-    """The engine of ``settings``: the memory checked first, then loaded and run with the configured
-    CPU threads (restored when the block ends)."""
+def open_engine(settings: Settings, streams: int = 1) -> Iterator[Engine]:
+    """The engine of ``settings`` for up to ``streams`` streams at once: the memory checked first, then
+    loaded and run with the configured CPU threads (restored when the block ends)."""
     from companion.config import resolve_model_path
     from companion.engine import Engine
 
-    check_memory(settings)
+    check_memory(settings, streams)
     m = settings.model
     with torch_threads(settings.engine.threads):
         yield Engine.load(resolve_model_path(m.id), revision=m.revision, device=m.device, dtype=m.dtype,
-                          max_seq_len=settings.context.max_seq_len)
+                          max_seq_len=settings.context.max_seq_len, max_batch=streams)

@@ -48,12 +48,15 @@ class Engine:
         model_key: str,
         max_seq_len: int = 4096,
         capture: Capture | None = None,
+        max_batch: int = 1,
     ) -> None:
-        """``capture``: how frames are recorded for replay (default: CUDA graphs on CUDA, none elsewhere)."""
+        """``capture``: how frames are recorded for replay (default: CUDA graphs on CUDA, none elsewhere).
+        ``max_batch``: how many streams may be generated at once (each from its own thread)."""
         self.model = model
         self.processor = processor
         self.model_key = model_key
         self.max_seq_len = max_seq_len
+        self.max_batch = max_batch
         self.num_codebooks: int = model.config.num_codebooks
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
@@ -81,12 +84,13 @@ class Engine:
         device: str = "auto",
         dtype: str = "auto",
         max_seq_len: int = 4096,
+        max_batch: int = 1,
     ) -> Engine:
         """Load from a hub id (downloaded into the HF cache when needed) or a local directory."""
         dev = select_device(device)
         path, key = resolve_model_dir(model, revision)
         csm, processor = load_csm(Path(path), dev, select_dtype(dtype, dev))
-        return cls(csm, processor, key, max_seq_len=max_seq_len)
+        return cls(csm, processor, key, max_seq_len=max_seq_len, max_batch=max_batch)
 
     # ---- audio <-> codes ------------------------------------------------------------------------
 

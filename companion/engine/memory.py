@@ -43,18 +43,19 @@ class MemoryEstimate:
     fixed: int  # bytes the context needs whatever its length (the depth decoder's cache)
     max_seq_len: int
     source: str  # where the sizes came from
+    streams: int = 1  # streams generated at once: each has its own context caches
 
     @property
     def context(self) -> int:
-        return self.per_position * self.max_seq_len + self.fixed
+        return (self.per_position * self.max_seq_len + self.fixed) * self.streams
 
     @property
     def total(self) -> int:
         return self.weights + self.context
 
     def longest_fitting(self, available: int) -> int:
-        """The most positions that fit ``available`` bytes beside the weights (0 if none)."""
-        return max(0, (available - self.weights - self.fixed) // self.per_position)
+        """The most positions per stream that fit ``available`` bytes beside the weights (0 if none)."""
+        return max(0, ((available - self.weights) // self.streams - self.fixed) // self.per_position)
 
 
 def _head_dim(cfg: dict[str, Any]) -> int:
@@ -107,8 +108,11 @@ def checkpoint_folder(model_id: str, revision: str | None = None) -> Path | None
     return Path(found).parent if isinstance(found, str) else None
 
 
-def estimate(model_id: str, revision: str | None, max_seq_len: int, dtype_bytes: int) -> MemoryEstimate:
-    """Weights + context bytes for ``model_id`` run with ``dtype_bytes`` per value (Mimi in float32)."""
+def estimate(
+    model_id: str, revision: str | None, max_seq_len: int, dtype_bytes: int, streams: int = 1
+) -> MemoryEstimate:
+    """Weights + context bytes for ``model_id`` run with ``dtype_bytes`` per value (Mimi in float32),
+    generating ``streams`` streams at once (each with its own caches)."""
     folder = checkpoint_folder(model_id, revision)
     config, params, source = CSM_1B, CSM_1B_PARAMS, "CSM-1B sizes"
     if folder is not None:
@@ -121,7 +125,7 @@ def estimate(model_id: str, revision: str | None, max_seq_len: int, dtype_bytes:
     mimi = min(MIMI_PARAMS, params // 20)
     weights = (params - mimi) * dtype_bytes + mimi * 4
     per_position, fixed = context_cost(config, dtype_bytes)
-    return MemoryEstimate(weights, per_position, fixed, max_seq_len, source)
+    return MemoryEstimate(weights, per_position, fixed, max_seq_len, source, streams)
 
 
 def available_memory(device: str) -> tuple[int, str]:
@@ -150,7 +154,10 @@ def too_big_message(est: MemoryEstimate, available: int, what: str) -> str:
     suggest = est.longest_fitting(available) // 256 * 256
     fix = f"lower context.max_seq_len in config.yaml (at most about {suggest} here)" if suggest >= 64 else (
         "free memory or use a smaller dtype (--dtype bfloat16)")
+    if est.streams > 1:
+        fix += " or engine.max_batch"
+    what_for = f" for {est.streams} streams at once" if est.streams > 1 else ""
     return (
-        f"context.max_seq_len {est.max_seq_len} needs about {gib(est.total)} (weights {gib(est.weights)} + "
+        f"context.max_seq_len {est.max_seq_len}{what_for} needs about {gib(est.total)} (weights {gib(est.weights)} + "
         f"context {gib(est.context)}) but only {gib(available)} of {what} is there: {fix}"
     )
