@@ -20,8 +20,10 @@ prefix), so another stream joining, leaving or failing never changes a stream's 
 batch size. Across batch sizes the float32 matrix products of CPU BLAS round differently (see
 docs/engine.md): codes then agree to within that rounding.
 
-A new stream takes the free slot whose record shares the longest prefix with its prompt (a conversation
-that comes back finds its own slot), else the free slot unused longest. Prefix records change only
+A new stream takes the free slot where it loses the fewest positions: those of its prompt the slot does
+not hold, plus those of the slot's record it would overwrite. A conversation that comes back so finds
+its own slot, and a new one takes an empty slot (or the shortest record) rather than another
+conversation's; of equal slots, the one unused longest. Prefix records change only
 after the forward that wrote what they claim, as in the one-stream loop.
 """
 
@@ -37,7 +39,6 @@ import torch
 
 from companion.engine.cuda_graphs import GraphedFrame
 from companion.engine.errors import EngineBusy
-from companion.engine.prompt import common_prefix
 from companion.engine.sampling import RowSamplers, Sampler
 from companion.engine.stack import Stopped
 from companion.engine.types import GenerationOptions
@@ -89,6 +90,12 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self._used = [0] * self.max_batch  # when each slot last had a stream (a counter)
         self._clock = 0
+        self.make_sampler: Callable[[GenerationOptions], Sampler] = self._sampler  # a stream's sampler
+
+    def _sampler(self, o: GenerationOptions) -> Sampler:
+        loop = self.loop
+        return Sampler(o.temperature, o.topk, o.seed, loop.device, loop.num_codebooks, loop.decodable_codes,
+                       vocab=loop.vocab)
 
     @property
     def active(self) -> int:
@@ -101,16 +108,13 @@ class Batcher:
     def open(self, rows: torch.Tensor, options: GenerationOptions, cancel: threading.Event | None,
              name: str) -> Stream:  # fmt: skip
         """A new stream in a free slot; raises EngineBusy when all ``max_batch`` slots are taken."""
-        loop, o = self.loop, options
-        sampler = Sampler(o.temperature, o.topk, o.seed, loop.device, loop.num_codebooks, loop.decodable_codes,
-                          vocab=loop.vocab)
-        stream = Stream(rows.to(loop.device), options, cancel, name, sampler)
+        stream = Stream(rows.to(self.loop.device), options, cancel, name, self.make_sampler(options))
         with self._cond:
             taken = {s.slot for s in self._streams}
             free = [slot for slot in range(self.max_batch) if slot not in taken]
             if not free:
                 raise EngineBusy(self._streams[0].name, self.max_batch)
-            stream.slot = max(free, key=lambda slot: (self._shared(stream.rows, slot), -self._used[slot]))
+            stream.slot = min(free, key=lambda slot: (self._cost(stream.rows, slot), self._used[slot]))
             self._clock += 1
             self._used[stream.slot] = self._clock
             self._streams.append(stream)
@@ -126,8 +130,11 @@ class Batcher:
             if len(self._streams) >= self.max_batch:
                 raise EngineBusy(self._streams[0].name, self.max_batch)
 
-    def _shared(self, rows: torch.Tensor, slot: int) -> int:
-        return common_prefix(self.loop.rows_of(slot), rows)
+    def _cost(self, rows: torch.Tensor, slot: int) -> int:
+        """Positions lost by starting ``rows`` in ``slot``: those to read, and those of the slot's record
+        that would be overwritten (another conversation that comes back would read them again)."""
+        shared = self.loop.reusable_prefix(rows, slot)
+        return (len(rows) - shared) + (self.loop.lengths[slot] - shared)
 
     def leave(self, stream: Stream) -> None:
         """The consumer lets go of ``stream``; returns once the frame thread no longer uses it, so the

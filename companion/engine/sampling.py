@@ -102,7 +102,7 @@ class RowSamplers:
         self.samplers = samplers
         real = [s for s in samplers if s is not None]
         kinds = {(s.greedy, s.width, s.codes) for s in real}
-        self.together = len(kinds) == 1
+        self.together = len(kinds) == 1 and all(type(s) is Sampler for s in real)  # not for other samplers
         self._first = real[0]
         self._temperature: torch.Tensor | None = None
         self._noise: torch.Tensor | None = None
@@ -116,8 +116,9 @@ class RowSamplers:
         self._noise = None
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        if not self.together:
-            return torch.cat([(s or self._first)(logits[b : b + 1]) for b, s in enumerate(self.samplers)])
+        if not self.together:  # each stream's own sampler; padding rows get code 0 (no sampler's turn used)
+            pad = torch.zeros(1, dtype=torch.long, device=logits.device)
+            return torch.cat([s(logits[b : b + 1]) if s is not None else pad for b, s in enumerate(self.samplers)])
         first = self._first
         if first.codes is not None:
             logits = logits[..., : first.codes]
