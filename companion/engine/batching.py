@@ -224,6 +224,7 @@ class Batcher:
             except Exception as err:  # noqa: BLE001 - graphs off; this frame again, eagerly, same noise
                 assert self.engine.graphs is not None
                 self.engine.graphs.replay_failed(err)
+                unit = None
         with torch.no_grad():
             if frames is None:
                 rows = torch.zeros(size, 1, loop.lm_head.shape[1], dtype=loop.lm_head.dtype, device=loop.device)

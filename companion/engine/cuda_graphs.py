@@ -68,7 +68,7 @@ class GraphedFrame:
         self.codes.copy_(codes)
         fed = self.loop.backbone.forward_at(self.loop.embed_frame_rows(codes), self.pos)
         self.hidden.copy_(fed)
-        self.pos.add_(1)
+        self.pos.add_(1).clamp_(max=self.loop.scratch)  # padding rows stay at the scratch position
 
     def warm_up(self) -> None:
         """Run one step at the scratch position (allocations, kernel choice) without touching the context."""
