@@ -86,6 +86,7 @@ def test_resume_restores_what_the_llm_remembers(tmp_path: Path, companion_home: 
     assert rows == [(f"{u}.", f"You said: {u}.", 0) for u in ("Hello there", "Again", "Third", "Fourth", "Fifth")]
 
 
+@pytest.mark.tty
 @pytest.mark.skipif(tmux_missing() is not None, reason=str(tmux_missing()))
 def test_chat_mode_on_a_terminal(tmp_path: Path, companion_home: Path, tiny_model_dir, llm_server):
     """The reply's text shows as it streams; a new line interrupts it (llm.new_line: interrupt), and so
