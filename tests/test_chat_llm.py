@@ -46,7 +46,9 @@ def test_the_llm_writes_what_is_spoken(tmp_path: Path, companion_home: Path, tin
 
 
 def _chat(tmp_path: Path, model_dir: Path, lines: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PULSE_SERVER="unix:/nonexistent/native", **{KEY_ENV: KEY})
+    # a wide terminal: /stats rows stay on one line however long the temporary path in them (an xdist
+    # worker's is longer)
+    env = dict(os.environ, PULSE_SERVER="unix:/nonexistent/native", COLUMNS="200", **{KEY_ENV: KEY})
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     out = subprocess.run([*COMPANION, "chat", "--model", str(model_dir), "--save-dir", str(tmp_path), *extra],
                          input=lines, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
