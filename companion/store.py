@@ -19,12 +19,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from companion.errors import CompanionError
 from companion.paths import get_paths
+
+if TYPE_CHECKING:  # torch loads where codes are converted: `companion history list` never needs it
+    import torch
 
 MIGRATIONS: list[str] = [
     # 0 -> 1: sessions, the voices pinned in each session, and the turns spoken
@@ -110,6 +113,8 @@ def codes_to_blob(codes: torch.Tensor) -> tuple[bytes, int, int]:
     """``(K, T)`` integer codes -> (int16 little-endian bytes, K, T)."""
     if codes.dim() != 2:
         raise ValueError(f"codes must be (K, T), got {tuple(codes.shape)}")
+    import torch
+
     array = codes.detach().to("cpu", torch.int64).numpy()
     if array.size and (array.min() < 0 or array.max() > np.iinfo(np.int16).max):
         raise ValueError("codes out of int16 range")
@@ -121,6 +126,8 @@ def blob_to_codes(blob: bytes, k: int, t: int) -> torch.Tensor:
     """The inverse of ``codes_to_blob``: ``(K, T)`` int64."""
     if len(blob) != 2 * k * t:
         raise CompanionError(f"history database: stored codes have {len(blob)} bytes, expected {2 * k * t}: the file is damaged")
+    import torch
+
     return torch.from_numpy(np.frombuffer(blob, dtype="<i2").astype(np.int64).reshape(k, t).copy())
 
 

@@ -15,6 +15,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # threads spinning against each other (seen: 70x slower frames with 2 threads under load).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+REALTIME = ("audio", "tty")  # markers of tests that run in real time: a real audio device or a real terminal
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """With pytest-xdist (`-n 2`, pyproject.toml), tests that run in real time share one worker, one at a
+    time (`--dist loadgroup`): two of them at once on a 2-core machine would starve each other's audio or
+    terminal. Without xdist the mark does nothing."""
+    for item in items:
+        if any(item.get_closest_marker(name) for name in REALTIME):
+            item.add_marker(pytest.mark.xdist_group("realtime"))
+
 
 @pytest.fixture(autouse=True)
 def companion_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

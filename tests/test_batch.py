@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,6 +36,10 @@ def companion(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture
 def setup(data_dir: Path) -> None:
     """Two voices and a config with short segments and a small context (so it runs in seconds)."""
+    _setup(data_dir)
+
+
+def _setup(data_dir: Path) -> None:
     paths = get_paths()
     paths.config_dir.mkdir(parents=True, exist_ok=True)
     paths.config_file.write_text("generation:\n  max_segment_seconds: 1.2\ncontext:\n  max_seq_len: 1536\n"
@@ -137,16 +142,32 @@ def _interrupted(argv: list[str], out: Path, sig: signal.Signals) -> tuple[int, 
     return proc.returncode, err, _manifest(out)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, tiny_model_dir: Path) -> Path:
+    """PLAY rendered once, uninterrupted, in a home of its own (the kill tests start from a copy of it)."""
+    base = tmp_path_factory.mktemp("uninterrupted")
+    (base / "play.txt").write_text(PLAY)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("COMPANION_HOME", str(base / "companion_home"))
+        env.setenv("HOME", str(base / "home"))
+        _setup(data_dir)
+        first = companion("batch", str(base / "play.txt"), "--model", str(tiny_model_dir), "--voice", "guest",
+                          "--seed", "3", "-o", str(base / "whole"))
+    assert first.returncode == 0, first.stderr
+    return base
+
+
+@pytest.mark.xdist_group("batch-uninterrupted")  # one worker renders it once for both
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill"])
 def test_a_killed_batch_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(
-        setup: None, tiny_model_dir: Path, tmp_path: Path, sig: signal.Signals) -> None:
-    script = tmp_path / "play.txt"
-    script.write_text(PLAY)
+        uninterrupted: Path, companion_home: Path, tiny_model_dir: Path, tmp_path: Path, sig: signal.Signals) -> None:
+    # This test's home and folder are those the uninterrupted run left (copied, times kept): as if it ran here.
+    shutil.copytree(uninterrupted / "companion_home", companion_home, dirs_exist_ok=True)
+    shutil.copytree(uninterrupted / "whole", tmp_path / "whole")
+    script = uninterrupted / "play.txt"
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     args = [str(script), "--model", str(tiny_model_dir), "--voice", "guest", "--seed", "3"]
 
-    first = companion("batch", *args, "-o", str(whole))
-    assert first.returncode == 0, first.stderr
     manifest = _manifest(whole)
     lines = manifest["lines"]
     assert manifest["complete"] and manifest["conversation"] == "conversation.wav"

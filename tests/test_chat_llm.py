@@ -46,7 +46,9 @@ def test_the_llm_writes_what_is_spoken(tmp_path: Path, companion_home: Path, tin
 
 
 def _chat(tmp_path: Path, model_dir: Path, lines: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PULSE_SERVER="unix:/nonexistent/native", **{KEY_ENV: KEY})
+    # a wide terminal: /stats rows stay on one line however long the temporary path in them (an xdist
+    # worker's is longer)
+    env = dict(os.environ, PULSE_SERVER="unix:/nonexistent/native", COLUMNS="200", **{KEY_ENV: KEY})
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     out = subprocess.run([*COMPANION, "chat", "--model", str(model_dir), "--save-dir", str(tmp_path), *extra],
                          input=lines, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
@@ -86,6 +88,7 @@ def test_resume_restores_what_the_llm_remembers(tmp_path: Path, companion_home: 
     assert rows == [(f"{u}.", f"You said: {u}.", 0) for u in ("Hello there", "Again", "Third", "Fourth", "Fifth")]
 
 
+@pytest.mark.tty
 @pytest.mark.skipif(tmux_missing() is not None, reason=str(tmux_missing()))
 def test_chat_mode_on_a_terminal(tmp_path: Path, companion_home: Path, tiny_model_dir, llm_server):
     """The reply's text shows as it streams; a new line interrupts it (llm.new_line: interrupt), and so

@@ -22,7 +22,7 @@ from load import stall
 from pulse import pulse_server, pulseaudio_missing, trim_silence
 from terminal import COMPANION, Tmux, tmux_missing
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(tmux_missing() is not None, reason=str(tmux_missing()))]
+pytestmark = [pytest.mark.slow, pytest.mark.tty, pytest.mark.skipif(tmux_missing() is not None, reason=str(tmux_missing()))]
 
 NO_SERVER = "unix:/nonexistent/native"  # no audio server: replies are written as WAV files
 

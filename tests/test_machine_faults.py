@@ -229,6 +229,8 @@ def test_a_latin1_line_piped_into_chat_is_spoken_after_one_warning(tmp_path: Pat
 def test_an_unwritable_output_is_refused_before_the_model_is_opened(tmp_path: Path, companion_home: Path,
                                                                     tiny_model_dir: Path) -> None:
     """With a real (tiny) model: the command ends on the output, and the model's loading line never shows."""
+    (companion_home / "config").mkdir(parents=True)  # a short reply: its length proves nothing here
+    (companion_home / "config" / "config.yaml").write_text("generation:\n  max_segment_seconds: 1\n")
     (tmp_path / "notes").write_text("not a folder")
     for target, message in [(tmp_path / "notes" / "x.wav", f"error: not a folder: {tmp_path / 'notes'}: give a folder"),
                             (tmp_path / "a" / "b" / "x.wav",

@@ -152,7 +152,6 @@ def load_session(settings: Settings, console: Console, *, resume: str | None = N
                  history: bool = True) -> Iterator[Session]:
     """Load the model (with a progress line), then a new session or the resumed one, with its voice."""
     from companion.commands.common import open_engine
-    from companion.session import Session
     from companion.store import Store
     from companion.voices import VoiceStore
 
@@ -162,6 +161,9 @@ def load_session(settings: Settings, console: Console, *, resume: str | None = N
     with ExitStack() as stack:
         with console.status(f"loading {m.id} …", spinner="dots"):
             engine = stack.enter_context(open_engine(settings))
+        # imported once the model is found: a missing model fails without loading the model code
+        from companion.session import Session
+
         console.print(f"[green]✓[/] model {m.id} loaded in {time.monotonic() - start:.1f} s", highlight=False)
         store = stack.enter_context(Store(get_paths().history_db)) if history else None
         voices = VoiceStore()

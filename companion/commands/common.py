@@ -105,9 +105,10 @@ def open_engine(settings: Settings, streams: int = 1) -> Iterator[Engine]:
     """The engine of ``settings`` for up to ``streams`` streams at once: the memory checked first, then
     loaded and run with the configured CPU threads (restored when the block ends)."""
     from companion.config import resolve_model_path
+
+    check_memory(settings, streams)  # a model that is not there fails here, before the model code is imported
     from companion.engine import Engine
 
-    check_memory(settings, streams)
     m = settings.model
     with torch_threads(settings.engine.threads):
         yield Engine.load(resolve_model_path(m.id), revision=m.revision, device=m.device, dtype=m.dtype,

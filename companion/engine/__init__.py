@@ -1,10 +1,23 @@
-"""CSM loading, the frame loop, KV/prefix caches and streaming Mimi decode (see docs/engine.md)."""
+"""CSM loading, the frame loop, KV/prefix caches and streaming Mimi decode (see docs/engine.md).
+
+The names below load on first use (PEP 562): a light submodule (the memory estimate, the errors) does
+not pull in transformers, so a command that fails before the model loads fails quickly."""
 
 from __future__ import annotations
 
-from companion.engine.engine import Engine
-from companion.engine.errors import ContextTooLong, ModelLoadError
-from companion.engine.types import AudioChunk, EngineStats, GenerationOptions, Segment
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from companion.engine.engine import Engine
+    from companion.engine.errors import ContextTooLong, ModelLoadError
+    from companion.engine.types import AudioChunk, EngineStats, GenerationOptions, Segment
+
+_WHERE = {
+    "Engine": "engine",
+    "ContextTooLong": "errors", "ModelLoadError": "errors",
+    "AudioChunk": "types", "EngineStats": "types", "GenerationOptions": "types", "Segment": "types",
+}
 
 __all__ = [
     "AudioChunk",
@@ -15,3 +28,11 @@ __all__ = [
     "ModelLoadError",
     "Segment",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value

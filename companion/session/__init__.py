@@ -1,12 +1,28 @@
 """A conversation: voices with pinned references, turns, the position budget, pruning, ``$CLEAR$``,
-history and resume (see docs/session.md)."""
+history and resume (see docs/session.md).
+
+The names below load on first use (PEP 562), so that a light submodule (the script reader, the batch
+manifest) does not pull in torch and the model code: every command's parser imports those, and
+`companion history list` should not pay for the engine."""
 
 from __future__ import annotations
 
-from companion.session.audio import AudioLog, TurnStats
-from companion.session.context import MIN_TEXT_POSITIONS, Context, ContextRow, TextTooLong, Turn, Voice
-from companion.session.script import CLEAR, Part, parse_line, read_script
-from companion.session.session import DEFAULT_VOICE, Session
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from companion.session.audio import AudioLog, TurnStats
+    from companion.session.context import MIN_TEXT_POSITIONS, Context, ContextRow, TextTooLong, Turn, Voice
+    from companion.session.script import CLEAR, Part, parse_line, read_script
+    from companion.session.session import DEFAULT_VOICE, Session
+
+_WHERE = {
+    "AudioLog": "audio", "TurnStats": "audio",
+    "MIN_TEXT_POSITIONS": "context", "Context": "context", "ContextRow": "context", "TextTooLong": "context",
+    "Turn": "context", "Voice": "context",
+    "CLEAR": "script", "Part": "script", "parse_line": "script", "read_script": "script",
+    "DEFAULT_VOICE": "session", "Session": "session",
+}
 
 __all__ = [
     "CLEAR",
@@ -24,3 +40,11 @@ __all__ = [
     "parse_line",
     "read_script",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
