@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile
 from load import stall
@@ -138,15 +139,26 @@ def test_ctrl_c_silences_playback(tmp_path: Path, companion_home: Path, terminal
             term = start_chat(tmp_path, env, "--model", str(tiny_model_dir))
             try:
                 term.wait_for(r"out default", timeout=10)  # playing, not writing files
-                cancel_during_generation(term, "This reply is cut short.")
-                time.sleep(0.5)
+                term.type_line("This reply is cut short.")
+                # Ctrl-C once the sink has heard a little of the 12 s reply (paced by what was heard, not a clock).
+                deadline = time.monotonic() + 300
+                while len(trim_silence(cap.audio())) < 0.2 * 24000:
+                    assert time.monotonic() < deadline, "no sound reached the sink"
+                    time.sleep(0.05)
+                term.keys("C-c")
+                term.wait_for(r"⏹", timeout=60)
+                at_stop = len(cap.audio())  # what the sink had recorded when the screen said stopped
                 term.keys("C-d")
                 assert term.exit_code(timeout=120) == 0
             finally:
                 term.close()
-    heard = trim_silence(cap.audio())
-    print(f"heard {len(heard) / 24000:.2f} s before the stop")
-    assert 0.1 * 24000 < len(heard) < 2.0 * 24000  # sound had started, and stopped long before 12 s
+    audio = cap.audio()
+    sound = np.flatnonzero(np.abs(audio) > 1e-4)
+    heard = (sound[-1] - sound[0]) / 24000
+    print(f"heard {heard:.2f} s; the last sound {(sound[-1] - at_stop) / 24000:+.2f} s after the stop was shown")
+    assert 0.2 <= heard < 10.0  # sound had started, and the 12 s reply did not play out
+    # Nothing more played after the stop, beyond what the device and the capture still held (2 s at most).
+    assert sound[-1] < at_stop + 2 * 24000
 
 
 @pytest.mark.audio
