@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     keys = KeyStore()
     api_key = _api_key(settings, host, keys)
-    check_memory(settings)  # a context the memory cannot hold fails now, before the model loads
+    check_memory(settings, settings.engine.max_batch)  # what the memory cannot hold fails now, before loading
     try:
         import uvicorn
 
