@@ -82,7 +82,7 @@ class Metrics:
                    [f"companion_queue_depth {queue_depth}"])
             metric("companion_generating", "gauge", "requests being served now (0 to engine.max_batch)",
                    [f"companion_generating {generating}"])
-            metric("companion_streams_active", "gauge", "replies whose audio is being generated together now",
+            metric("companion_streams_active", "gauge", "replies being spoken together now (one engine stream each)",
                    [f"companion_streams_active {active}"])
             metric("companion_streams_max", "gauge", "the most replies generated together (engine.max_batch)",
                    [f"companion_streams_max {most}"])

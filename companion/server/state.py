@@ -90,12 +90,8 @@ class ServerState:
         self.ready.set()
 
     def streams(self) -> tuple[int, int]:
-        """(replies generated together now, the most that can be): the engine's count when it keeps one."""
-        most = self.settings.engine.max_batch
-        if self.worker is None:
-            return 0, most
-        active = getattr(self.engine, "active_streams", None)
-        return (int(active) if isinstance(active, int) else self.worker.streams), most
+        """(replies spoken together now, the most that can be: ``engine.max_batch``)."""
+        return (self.worker.streams if self.worker is not None else 0), self.settings.engine.max_batch
 
     def _fail(self, message: str) -> None:
         self.failure = message

@@ -18,9 +18,11 @@ asyncio queue per job. Setting a job's ``cancel`` (the client hung up, the serve
 waiting job be skipped and a running one stop at its next chunk: the same ``threading.Event`` the
 session and the engine check between frames; the other jobs go on untouched.
 
-``gate``: every speech thread passes through this lock before a job starts and before each chunk it
-takes from the engine (it never holds it while generating). Holding it from outside pauses every
-thread at its next step: tests use that as a deterministic gate instead of timing.
+Two locks every speech thread passes through (it never holds them while working), so that tests
+pause the threads deterministically instead of by timing:
+``gate``, before a job starts and before each chunk it takes from the engine: holding it pauses every
+thread at its next step; ``ending``, before a job's end is announced: holding it keeps every reply
+from ending (and its place from being freed) while its audio still flows.
 """
 
 from __future__ import annotations
@@ -110,10 +112,10 @@ class SpeechWorker:
         self.metrics = metrics
         self._first_audio_ms = first_audio_ms  # the engine's timing of the chunk just generated (this thread's)
         self.gate = threading.Lock()
+        self.ending = threading.Lock()
         self._jobs: deque[Job] = deque()
         self._running: list[Job] = []
         self._busy: set[tuple[str, str]] = set()  # the conversations of the running jobs
-        self._streams = 0  # speech jobs whose engine stream is open
         self._cond = threading.Condition()
         self._stopping = False
         self._threads = [threading.Thread(target=self._run, name=f"companion-speech-{i + 1}", daemon=True)
@@ -155,8 +157,8 @@ class SpeechWorker:
 
     @property
     def streams(self) -> int:
-        """Speech jobs whose audio is being generated now."""
-        return self._streams
+        """Replies being spoken now (each one stream of the engine's; at most ``slots``)."""
+        return sum(1 for job in list(self._running) if job.speak is not None)
 
     def stop(self, timeout: float | None = None) -> None:
         """Cancel what waits and what runs, and end the threads."""
@@ -211,8 +213,8 @@ class SpeechWorker:
 
     # ---- the speech threads
 
-    def _pass_gate(self) -> None:
-        with self.gate:
+    def _pass_gate(self, gate: threading.Lock | None = None) -> None:
+        with gate or self.gate:
             pass
 
     def _run(self) -> None:
@@ -230,6 +232,7 @@ class SpeechWorker:
                     log.error("speech generation failed: %s: %s", type(err).__name__, err)
                 job.emit("error", err)
             finally:
+                self._pass_gate(self.ending)
                 self._finished(job)  # before "end": a client that has its whole reply sees its place free
                 job.emit("end")
 
@@ -237,8 +240,6 @@ class SpeechWorker:
         assert job.speak is not None
         start, samples, chunks = time.perf_counter(), 0, None
         self._pass_gate()
-        with self._cond:
-            self._streams += 1
         try:
             chunks = job.speak(job.cancel)
             while True:
@@ -255,12 +256,8 @@ class SpeechWorker:
                 job.emitted += 1
                 job.emit("audio", chunk)
         finally:
-            try:
-                if chunks is not None and hasattr(chunks, "close"):
-                    chunks.close()  # a generator stopped early: the session puts back what it pruned
-            finally:
-                with self._cond:
-                    self._streams -= 1
+            if chunks is not None and hasattr(chunks, "close"):
+                chunks.close()  # a generator stopped early: the session puts back what it pruned
         if job.cancel.is_set():
             self.metrics.add("cancelled")
             log.info("generation stopped after %.1f s of audio (the client hung up)", samples / SAMPLE_RATE)
