@@ -66,7 +66,7 @@ class CorruptingCapture(Recorder):
             if self.raising:
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")
             step()
-            unit.codes[1] = (unit.codes[1] + 1) % codes
+            unit.codes[:, 1] = (unit.codes[:, 1] + 1) % codes
 
         return replay
 
@@ -224,7 +224,7 @@ def test_temperature_and_topk_changes_neither_capture_nor_prefill(tiny_engine: E
     # Greedy is the second (and last) kind of unit.
     codes_of(engine, reference)
     turn(0.6, 30)
-    assert recorder.captures == 2 and set(engine.graphs.units) == {True, False}
+    assert recorder.captures == 2 and set(engine.graphs.units) == {(1, True), (1, False)}
 
 
 def test_masked_width_sampling_follows_the_top_k_softmax() -> None:

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from companion.engine.frames import FrameLoop
-from companion.engine.sampling import Sampler
+from companion.engine.sampling import BatchSampler, Sampler
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +49,16 @@ def graphs_wanted(device: torch.device) -> bool:
 
 
 class GraphedFrame:
-    """The per-frame work of ``loop`` with static buffers, sampling with its own ``sampler``."""
+    """The per-frame work of ``loop`` for ``rows`` streams (rows 0..B-1 of the caches) with static
+    buffers, sampling with its own ``sampler`` (a Sampler for one stream, a BatchSampler for several)."""
 
-    def __init__(self, loop: FrameLoop, sampler: Sampler) -> None:
-        self.loop, self.sampler = loop, sampler
+    def __init__(self, loop: FrameLoop, sampler: Sampler | BatchSampler, rows: int = 1) -> None:
+        self.loop, self.sampler, self.batch = loop, sampler, rows
         width = loop.lm_head.shape[1]
         # Static buffers: the step reads hidden/pos and writes codes/hidden/pos.
-        self.hidden = torch.zeros(1, 1, width, dtype=loop.lm_head.dtype, device=loop.device)
-        self.pos = torch.zeros((), dtype=torch.long, device=loop.device)
-        self.codes = torch.zeros(loop.num_codebooks, dtype=torch.long, device=loop.device)
+        self.hidden = torch.zeros(rows, 1, width, dtype=loop.lm_head.dtype, device=loop.device)
+        self.pos = torch.zeros(rows, dtype=torch.long, device=loop.device)
+        self.codes = torch.zeros(rows, loop.num_codebooks, dtype=torch.long, device=loop.device)
         self.replay: Callable[[], None] | None = None
 
     def step(self) -> None:
@@ -65,20 +66,21 @@ class GraphedFrame:
         self.sampler.row = 0
         codes = self.loop.depth_frame(self.hidden, self.sampler)
         self.codes.copy_(codes)
-        fed = self.loop.backbone.forward_at(self.loop.embed_frames(codes[None]), self.pos)
+        fed = self.loop.backbone.forward_at(self.loop.embed_frame_rows(codes), self.pos)
         self.hidden.copy_(fed)
-        self.pos.add_(1)
+        self.pos.add_(1).clamp_(max=self.loop.scratch)  # padding rows stay at the scratch position
 
     def warm_up(self) -> None:
         """Run one step at the scratch position (allocations, kernel choice) without touching the context."""
-        self.load(torch.zeros_like(self.hidden), self.loop.scratch)
+        self.load(torch.zeros_like(self.hidden), [self.loop.scratch] * self.batch)
         with torch.no_grad():
             self.step()
 
-    def load(self, hidden: torch.Tensor, position: int) -> None:
-        """Point the step at `(1, 1, H)` ``hidden`` for the frame at backbone ``position``."""
+    def load(self, hidden: torch.Tensor, positions: int | list[int]) -> None:
+        """Point the step at `(B, 1, H)` ``hidden`` for the frame at backbone ``positions`` (one per row)."""
         self.hidden.copy_(hidden)
-        self.pos.fill_(position)
+        at = [positions] if isinstance(positions, int) else positions
+        self.pos.copy_(torch.tensor(at, dtype=torch.long))
 
     def run(self) -> None:
         """One frame through the recorded replay."""
@@ -100,7 +102,7 @@ class GraphedFrame:
                 self.run()
             except Exception as err:
                 raise _ReplayFailed(f"{type(err).__name__}: {err}") from err
-            frame = self.codes.clone()
+            frame = self.codes[0].clone()
             if not bool(frame.any()):  # the one host sync per frame
                 return
             # The step always feeds the frame back: its keys/values are written, so record it.
@@ -112,9 +114,13 @@ class _ReplayFailed(Exception):
     """A replay raised during a turn (after its self-check passed)."""
 
 
-def new_unit(loop: FrameLoop, greedy: bool) -> GraphedFrame:
+def new_unit(loop: FrameLoop, greedy: bool, rows: int = 1, batched: bool = False) -> GraphedFrame:
     """A unit for one kind of sampling: greedy, or top-k over every decodable code (ranks past the
-    configured top-k masked at run time, so one unit serves every temperature and top-k)."""
+    configured top-k masked at run time, so one unit serves every temperature and top-k); for one
+    stream, or ``rows`` streams at once (``batched``: for the loop of several streams, even at one row)."""
+    if rows > 1 or batched:
+        batch = BatchSampler(rows, greedy, loop.device, loop.num_codebooks, loop.decodable_codes, loop.vocab)
+        return GraphedFrame(loop, batch, rows)
     sampler = Sampler(
         0.0 if greedy else 1.0, 1 if greedy else 2, 0, loop.device, loop.num_codebooks,
         loop.decodable_codes, width=loop.decodable_codes or loop.vocab, vocab=loop.vocab,
@@ -174,8 +180,8 @@ class FrameGraphs:
 
     def __init__(self, loop: FrameLoop, capture: Capture) -> None:
         self.loop, self.capture = loop, capture
-        self.units: dict[bool, GraphedFrame] = {}  # greedy -> unit
-        self.checked: set[bool] = set()
+        self.units: dict[tuple[int, bool], GraphedFrame] = {}  # (streams, greedy) -> unit
+        self.checked: set[tuple[int, bool]] = set()
 
     def frames(
         self,
@@ -191,10 +197,10 @@ class FrameGraphs:
         if self.capture.off is not None:
             return None
         greedy = temperature <= 0.0 or topk <= 1
-        unit = self._unit(greedy)
+        unit = self._unit(1, greedy)
         if unit is None:
             return None
-        if greedy not in self.checked and max_frames > 0:
+        if (1, greedy) not in self.checked and max_frames > 0:
             try:
                 same = self._self_check(unit, hidden, min(SELF_CHECK_FRAMES, max_frames), temperature, topk)
             except Exception as err:  # a replay that fails is as bad as one that differs
@@ -203,7 +209,8 @@ class FrameGraphs:
             if not same:
                 self._turn_off("the replay of a frame differed from the step-by-step path in a self-check")
                 return None
-            self.checked.add(greedy)
+            self.checked.add((1, greedy))
+        assert isinstance(unit.sampler, Sampler)
         unit.sampler.configure(temperature, topk, seed)
         return self._replayed(unit, hidden, temperature, topk, seed, max_frames, cancel)
 
@@ -238,18 +245,62 @@ class FrameGraphs:
                 hidden = loop.backbone.forward(loop.embed_frames(made[-1][None]), loop.length - 1)
         yield from loop.frames(hidden, sampler, max_frames - len(made), cancel)
 
-    def _unit(self, greedy: bool) -> GraphedFrame | None:
-        """The unit for this kind of sampling, captured on first use; None (graphs off) if capture fails."""
-        if greedy in self.units:
-            return self.units[greedy]
-        unit = new_unit(self.loop, greedy)
+    def _unit(self, rows: int, greedy: bool, batched: bool = False) -> GraphedFrame | None:
+        """The unit for ``rows`` streams and this kind of sampling, captured on first use; None (graphs
+        off) if capture fails."""
+        if (rows, greedy) in self.units:
+            return self.units[(rows, greedy)]
+        unit = new_unit(self.loop, greedy, rows, batched)
         try:
             unit.replay = self.capture.record(unit)
         except Exception as err:  # capture is an optimisation: generate eagerly from now on
             self._turn_off(f"capturing a frame failed ({type(err).__name__}: {err})")
             return None
-        self.units[greedy] = unit
+        self.units[(rows, greedy)] = unit
         return unit
+
+    def batch_unit(self, rows: int, greedy: bool, state: Callable[[GraphedFrame, int], None]) -> GraphedFrame | None:
+        """The checked unit for ``rows`` streams (several streams generated together), or None when graphs
+        are off. At its first use it is self-checked: ``state(unit, seed)`` loads the streams' hidden
+        states, positions and sampling into it (noise drawn from ``seed``), and a few frames replayed must
+        equal the same frames run eagerly on every stream's row."""
+        if self.capture.off is not None:
+            return None
+        unit = self._unit(rows, greedy, batched=True)
+        if unit is None or (rows, greedy) in self.checked:
+            return unit
+        try:
+            same = self._self_check_rows(unit, state)
+        except Exception as err:  # a replay that fails is as bad as one that differs
+            self._turn_off(f"replaying a frame of {rows} streams failed in a self-check ({type(err).__name__}: {err})")
+            return None
+        if not same:
+            self._turn_off(f"the replay of a frame of {rows} streams differed from the step-by-step path in a self-check")
+            return None
+        self.checked.add((rows, greedy))
+        return unit
+
+    def replay_failed(self, err: Exception) -> None:
+        """A replay of several streams raised during a turn: graphs go off (the caller goes on eagerly)."""
+        self._turn_off(f"replaying a frame failed ({type(err).__name__}: {err})")
+
+    def _self_check_rows(self, unit: GraphedFrame, state: Callable[[GraphedFrame, int], None]) -> bool:
+        """``SELF_CHECK_FRAMES`` frames replayed and run eagerly from the state ``state`` loads, with the same
+        noise; compared on the rows of streams (``state`` leaves padding rows at the scratch position)."""
+        runs = []
+        for run in (unit.run, unit.step):
+            state(unit, SELF_CHECK_SEED)
+            live = unit.pos != self.loop.scratch
+            codes = []
+            for frame in range(SELF_CHECK_FRAMES):
+                if frame:
+                    state_noise(unit, SELF_CHECK_SEED + frame)
+                unit.sampler.begin_frame()
+                with torch.no_grad():
+                    run()
+                codes.append(unit.codes[live].clone())
+            runs.append(torch.stack(codes))
+        return torch.equal(runs[0], runs[1])
 
     def _self_check(
         self, unit: GraphedFrame, hidden: torch.Tensor, frames: int, temperature: float, topk: int
@@ -260,16 +311,26 @@ class FrameGraphs:
         runs = []
         for run in (unit.run, unit.step):
             unit.load(hidden, self.loop.length)
+            assert isinstance(unit.sampler, Sampler)
             unit.sampler.configure(temperature, topk, SELF_CHECK_SEED)  # the greedy unit ignores them
             codes = []
             for _ in range(frames):
                 unit.sampler.begin_frame()
                 with torch.no_grad():
                     run()
-                codes.append(unit.codes.clone())
+                codes.append(unit.codes[0].clone())
             runs.append(torch.stack(codes))
         return torch.equal(runs[0], runs[1])
 
     def _turn_off(self, why: str) -> None:
         self.capture.off = why
         log.warning("CUDA graphs turned off for this run: %s; generating without them (slower)", why)
+
+
+def state_noise(unit: GraphedFrame, seed: int) -> None:
+    """Fill a several-stream unit's noise from ``seed`` (the self-check's frames after the first)."""
+    sampler = unit.sampler
+    if isinstance(sampler, BatchSampler) and not sampler.greedy:
+        generator = torch.Generator(device=sampler.noise.device)
+        generator.manual_seed(seed)
+        sampler.noise.uniform_(generator=generator)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from companion.engine.batching import Batcher
 from companion.engine.cuda_graphs import Capture, FrameGraphs, default_capture
 from companion.engine.errors import ContextTooLong, EngineBusy
 from companion.engine.frames import FrameLoop
@@ -35,8 +36,11 @@ def chunk_sizes() -> Iterator[int]:
 
 
 class Engine:
-    """CSM-1B generation: prompt positions, streaming audio, prefix reuse. Not thread-safe: one
-    conversation drives one engine."""
+    """CSM-1B generation: prompt positions, streaming audio, prefix reuse.
+
+    With ``max_batch`` 1 (the default) one stream is live at a time, generated in the caller's thread.
+    With more, up to ``max_batch`` streams, each consumed by its own thread, share one frame loop
+    (``batching.py``)."""
 
     sample_rate: int = 24000
     frame_rate: float = 12.5
@@ -61,7 +65,7 @@ class Engine:
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
         self.prompt = PromptBuilder(processor.tokenizer, self.num_codebooks)
-        self.loop = FrameLoop(model, max_seq_len)
+        self.loop = FrameLoop(model, max_seq_len, slots=max_batch)
         capture = capture if capture is not None else default_capture(self.device)
         self.graphs = FrameGraphs(self.loop, capture) if capture is not None else None
         # Mimi in float32 on every device: bf16 convolutions are slow on CPUs, lose precision on GPUs, and
@@ -70,10 +74,29 @@ class Engine:
         model.codec_model.float()
         self.codec_key = codec_key(model.codec_model)
         self.mimi = MimiStreamDecoder(model.codec_model)
+        self._decoders = [self.mimi]  # one per slot, made when a slot is first used
         # Codes >= this cannot be decoded by Mimi: never sample them (None when every code is decodable).
         self.decodable_codes = self.loop.decodable_codes
-        self.last_stats = EngineStats()
+        self._stats = threading.local()
         self._live: str | None = None  # the stream being generated (its text), None between streams
+        self.batcher = Batcher(self) if max_batch > 1 else None
+
+    @property
+    def last_stats(self) -> EngineStats:
+        """Timings of the last stream started from the calling thread."""
+        stats = getattr(self._stats, "last", None)
+        return stats if stats is not None else EngineStats()
+
+    @last_stats.setter
+    def last_stats(self, stats: EngineStats) -> None:
+        self._stats.last = stats
+
+    @property
+    def active_streams(self) -> int:
+        """Streams live now (being generated, or waiting for their prompt to be read)."""
+        if self.batcher is not None:
+            return self.batcher.active
+        return int(self._live is not None)
 
     @classmethod
     def load(
@@ -137,12 +160,16 @@ class Engine:
         EngineBusy when another stream of this engine is live (started, and not yet finished or closed):
         the caches, the prefix record and the decoder state belong to one stream at a time.
         """
-        if self._live is not None:
+        if self.batcher is None and self._live is not None:
             raise EngineBusy(self._live)
+        if self.batcher is not None and self.batcher.active >= self.max_batch:
+            self.batcher.open_check()
         rows = self.prompt.prompt_rows(context, speaker, text)
         needed = len(rows) + options.max_frames
         if needed > self.max_seq_len:
             raise ContextTooLong(needed, self.max_seq_len, len(rows), options.max_frames)
+        if self.batcher is not None:
+            return self._generate_together(rows, options, cancel, _describe(text))
         return self._generate(rows, options, cancel, _describe(text))
 
     def _generate(
@@ -164,7 +191,7 @@ class Engine:
         start = time.perf_counter()
         # Step 1: prefill what the cache does not hold yet (nothing more when cancelled meanwhile).
         hidden, stats.prefill_positions = self.loop.prefill(rows, cancel)
-        self._sync()
+        self.sync()
         stats.prefill_ms = (time.perf_counter() - start) * 1000
         if hidden is None:
             return
@@ -202,17 +229,68 @@ class Engine:
                           vocab=self.loop.vocab)
         return self.loop.frames(hidden, sampler, o.max_frames, cancel)
 
-    def _chunk(self, codes: torch.Tensor, stats: EngineStats, start: float) -> AudioChunk:
-        """Decode `(K, f)` new frames with the streaming Mimi decoder."""
+    def _chunk(
+        self, codes: torch.Tensor, stats: EngineStats, start: float, mimi: MimiStreamDecoder | None = None
+    ) -> AudioChunk:
+        """Decode `(K, f)` new frames with the streaming Mimi decoder (slot 0's unless ``mimi``)."""
         t = time.perf_counter()
         with torch.no_grad():
-            audio = np.clip(self.mimi.decode(codes), -1.0, 1.0).astype(np.float32, copy=False)
+            decoder = mimi if mimi is not None else self.mimi
+            audio = np.clip(decoder.decode(codes), -1.0, 1.0).astype(np.float32, copy=False)
         stats.decode_ms += (time.perf_counter() - t) * 1000
         if stats.first_audio_ms is None:
             stats.first_audio_ms = (time.perf_counter() - start) * 1000
         return AudioChunk(audio=audio, codes=codes.cpu())
 
-    def _sync(self) -> None:
+    def _generate_together(
+        self, rows: torch.Tensor, options: GenerationOptions, cancel: threading.Event | None, name: str
+    ) -> Generator[AudioChunk, None, None]:
+        """One stream of several (``max_batch`` > 1): the frame thread makes its frames, this generator
+        (in the consumer's thread) decodes them in growing chunks, as ``_speak`` does for one."""
+        assert self.batcher is not None
+        stats = self.last_stats = EngineStats(prompt_positions=len(rows))
+        start = time.perf_counter()
+        stream = self.batcher.open(rows, options, cancel, name)
+        try:
+            kind, value = stream.events.get()
+            stats.prefill_ms = (time.perf_counter() - start) * 1000
+            if kind == "error":
+                raise value
+            stats.prefill_positions = value if kind in ("prefilled", "stopped") else 0
+            if kind != "prefilled":
+                return
+            mimi = self._decoder(stream.slot)
+            mimi.reset()
+            sizes, pending, gen_s = chunk_sizes(), [], 0.0
+            want = next(sizes)
+            while True:
+                t = time.perf_counter()
+                kind, value = stream.events.get()
+                gen_s += time.perf_counter() - t
+                if kind == "error":
+                    raise value
+                frame = value if kind == "frame" else None
+                if frame is not None:
+                    pending.append(frame)
+                    stats.frames += 1
+                    stats.ms_per_frame = gen_s * 1000 / stats.frames
+                if cancel is not None and cancel.is_set():
+                    return  # a cancelled call yields nothing more, not even the frames already made
+                if pending and (frame is None or len(pending) >= want):
+                    yield self._chunk(torch.stack(pending, dim=1), stats, start, mimi)
+                    pending, want = [], next(sizes)
+                if frame is None:
+                    break
+        finally:
+            self.batcher.leave(stream)
+
+    def _decoder(self, slot: int) -> MimiStreamDecoder:
+        """The streaming Mimi decoder of ``slot`` (each slot's stream keeps its own decoder state)."""
+        while len(self._decoders) <= slot:
+            self._decoders.append(MimiStreamDecoder(self.model.codec_model))
+        return self._decoders[slot]
+
+    def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

@@ -23,11 +23,17 @@ class ModelLoadError(CompanionError):
 
 
 class EngineBusy(CompanionError):
-    """A second stream was started while another one on the same engine is still live."""
+    """A stream was started while the engine already speaks as many as it can (one, or ``max_batch``)."""
 
-    def __init__(self, live: str) -> None:
-        super().__init__(
-            f"this engine is still speaking {live}: finish or close that stream before starting another "
-            "(one engine speaks one stream at a time)"
-        )
+    def __init__(self, live: str, streams: int = 1) -> None:
+        if streams == 1:
+            super().__init__(
+                f"this engine is still speaking {live}: finish or close that stream before starting another "
+                "(one engine speaks one stream at a time)"
+            )
+        else:
+            super().__init__(
+                f"this engine is already speaking {streams} streams (the first: {live}): finish or close one "
+                f"before starting another, or raise engine.max_batch"
+            )
         self.live = live

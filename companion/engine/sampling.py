@@ -88,3 +88,88 @@ class Sampler:
             scores = scores.masked_fill(self._ranks >= self.topk, float("-inf"))
         choice = scores.argmax(dim=-1, keepdim=True)
         return indices.gather(-1, choice)[:, 0]
+
+
+class RowSamplers:
+    """The eager sampler of several streams: row ``b`` of the logits is sampled by ``samplers[b]`` (that
+    stream's own Sampler, seed and noise); a row without one is padding (its code is thrown away).
+
+    When every stream samples the same way (all greedy, or all with the same top-k), the rows are
+    sampled in one call per operation instead of one per stream: the same operations on the same
+    values, row by row, so the codes are those each Sampler would give."""
+
+    def __init__(self, samplers: list[Sampler | None]) -> None:
+        self.samplers = samplers
+        real = [s for s in samplers if s is not None]
+        kinds = {(s.greedy, s.width, s.codes) for s in real}
+        self.together = len(kinds) == 1 and all(type(s) is Sampler for s in real)  # not for other samplers
+        self._first = real[0]
+        self._temperature: torch.Tensor | None = None
+        self._noise: torch.Tensor | None = None
+        self.row = 0
+
+    def begin_frame(self) -> None:
+        for s in self.samplers:
+            if s is not None:
+                s.begin_frame()
+        self.row = 0
+        self._noise = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.together:  # each stream's own sampler; padding rows get code 0 (no sampler's turn used)
+            pad = torch.zeros(1, dtype=torch.long, device=logits.device)
+            return torch.cat([s(logits[b : b + 1]) if s is not None else pad for b, s in enumerate(self.samplers)])
+        first = self._first
+        if first.codes is not None:
+            logits = logits[..., : first.codes]
+        row, self.row = self.row, self.row + 1
+        if first.greedy:
+            return logits.argmax(dim=-1)
+        if self._noise is None:  # this frame's noise and the temperatures, one row per stream
+            rows = [s or first for s in self.samplers]
+            self._noise = torch.stack([s.noise[:, : first.width] for s in rows], dim=1)  # (K, B, width)
+            self._temperature = torch.stack([s.temperature for s in rows])[:, None]  # (B, 1)
+        assert self._temperature is not None
+        values, indices = torch.topk(logits.to(torch.float32), first.width, dim=-1)
+        scores = values / self._temperature - torch.log(-torch.log(self._noise[row]))
+        return indices.gather(-1, scores.argmax(dim=-1, keepdim=True))[:, 0]
+
+
+class BatchSampler:
+    """A replayable unit's sampler for B streams with static shapes: row ``b`` samples as that stream's
+    own Sampler does (its temperature, top-k and the noise it drew, copied in by ``load``), ranking every
+    candidate code and masking ranks past the row's top-k, like a one-stream unit's Sampler. Greedy units
+    take the argmax of every row."""
+
+    def __init__(self, rows: int, greedy: bool, device: torch.device, num_codebooks: int,
+                 codes: int | None, vocab: int) -> None:  # fmt: skip
+        self.greedy = greedy
+        self.codes = codes
+        self.width = 1 if greedy else (codes or vocab)
+        self.temperature = torch.ones(rows, 1, dtype=torch.float32, device=device)
+        self.topk = torch.full((rows, 1), self.width, dtype=torch.long, device=device)
+        self._ranks = torch.arange(self.width, device=device)
+        self.noise = torch.full((rows, num_codebooks, self.width), 0.5, device=device)
+        self.row = 0
+
+    def load(self, row: int, temperature: float, topk: int, noise: torch.Tensor | None) -> None:
+        """Row ``row`` samples with ``temperature``, ``topk`` and `(K, width)` ``noise`` (sampled units)."""
+        if not self.greedy:
+            self.temperature[row].fill_(temperature)
+            self.topk[row].fill_(min(topk, self.width))
+            if noise is not None:
+                self.noise[row].copy_(noise[:, : self.width])
+
+    def begin_frame(self) -> None:
+        self.row = 0
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.codes is not None:
+            logits = logits[..., : self.codes]
+        row, self.row = self.row, self.row + 1
+        if self.greedy:
+            return logits.argmax(dim=-1)
+        values, indices = torch.topk(logits.to(torch.float32), self.width, dim=-1)
+        scores = values / self.temperature - torch.log(-torch.log(self.noise[:, row]))
+        scores = scores.masked_fill(self._ranks >= self.topk, float("-inf"))
+        return indices.gather(-1, scores.argmax(dim=-1, keepdim=True))[:, 0]

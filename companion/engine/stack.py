@@ -53,10 +53,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class DecoderStack:
-    """Runs ``layers`` + final ``norm`` of a CSM transformer on `(1, n, H)` inputs at positions
-    ``start .. start + n - 1``, keeping keys and values in caches `(1, Hkv, max_len, D)` per layer."""
+    """Runs ``layers`` + final ``norm`` of a CSM transformer on `(B, n, H)` inputs at positions
+    ``start .. start + n - 1``, keeping keys and values in caches `(rows, Hkv, max_len, D)` per layer:
+    one cache row per stream (a slot; row 0 when there is one stream)."""
 
-    def __init__(self, layers: Any, norm: Any, rotary: Any, config: Any, max_len: int) -> None:
+    def __init__(self, layers: Any, norm: Any, rotary: Any, config: Any, max_len: int, rows: int = 1) -> None:
         first = layers[0].self_attn
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
@@ -67,8 +68,9 @@ class DecoderStack:
         self.layers = [fuse_layer(layer) for layer in layers]
         self.max_len = max_len
         weight = self.norm
-        # Step 1: static caches, one pair per layer.
-        shape = (1, self.kv_heads, max_len, self.head_dim)
+        # Step 1: static caches, one pair per layer, one row per slot.
+        self.rows = rows
+        shape = (rows, self.kv_heads, max_len, self.head_dim)
         self.keys = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in self.layers]
         self.values = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in self.layers]
         # Step 2: RoPE tables `(max_len, D)` from the model's own rotary embedding (same float math),
@@ -81,8 +83,11 @@ class DecoderStack:
         self.sin_at = [self.sin[p : p + 1][None, None] for p in range(max_len)]
         self._positions = positions[0]  # (max_len,) for the static-shape step's mask
 
-    def forward(self, x: torch.Tensor, start: int, stop: Callable[[], bool] | None = None) -> torch.Tensor:
-        """`(1, n, H)` inputs at positions ``start..start+n-1`` -> `(1, n, H)` normed hidden states.
+    def forward(
+        self, x: torch.Tensor, start: int, stop: Callable[[], bool] | None = None, row: int = 0
+    ) -> torch.Tensor:
+        """`(B, n, H)` inputs at positions ``start..start+n-1`` -> `(B, n, H)` normed hidden states, with
+        the cache rows ``row .. row + B - 1`` (every row at the same positions).
 
         ``stop`` is asked before every layer; when it says yes, ``Stopped`` is raised (the keys and values
         of the earlier layers at these positions are then written but incomplete)."""
@@ -98,8 +103,43 @@ class DecoderStack:
                 raise Stopped
             # Attention block: norm, q/k/v, RoPE, write the cache, attend over the live prefix, residual.
             h = rms_norm(x, w.ln_attn, self.eps)
-            x = x + F.linear(self._attend(i, w, h, cos, sin, start, mask), w.wo)
+            x = x + F.linear(self._attend(i, w, h, cos, sin, start, mask, row), w.wo)
             # MLP block: norm, SiLU-gated MLP, residual.
+            h = rms_norm(x, w.ln_mlp, self.eps)
+            gate, up = F.linear(h, w.w_gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, w.w_down)
+        return rms_norm(x, self.norm, self.eps)
+
+    def step(self, x: torch.Tensor, starts: list[int | None]) -> torch.Tensor:
+        """`(B, 1, H)` inputs, row ``b`` at position ``starts[b]`` of cache row ``b`` -> `(B, 1, H)`.
+
+        A row whose start is None is padding: nothing of it is written to the cache and its output is
+        meaningless. Each real row attends over its own live prefix, exactly as ``forward`` does for one
+        row; the products over the rows are one call (the weights are read once for every stream)."""
+        if len(starts) == 1 and starts[0] is not None:
+            return self.forward(x, starts[0])
+        live = [(b, p) for b, p in enumerate(starts) if p is not None]
+        at = [p if p is not None else 0 for p in starts]
+        index = torch.tensor(at, device=x.device)
+        cos = self.cos.index_select(0, index)[:, None, None]  # (B, 1, 1, D)
+        sin = self.sin.index_select(0, index)[:, None, None]
+        B = x.shape[0]
+        for i, w in enumerate(self.layers):
+            h = rms_norm(x, w.ln_attn, self.eps)
+            qkv = F.linear(h, w.w_qkv).view(B, 1, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
+            qk = qkv[:, : self.heads + self.kv_heads]
+            qk = (qk * cos) + (rotate_half(qk) * sin)
+            out = torch.zeros(B, 1, self.heads * self.head_dim, dtype=x.dtype, device=x.device)
+            for b, p in live:
+                keys, values = self.keys[i][b : b + 1], self.values[i][b : b + 1]
+                keys.narrow(2, p, 1).copy_(qk[b : b + 1, self.heads :])
+                values.narrow(2, p, 1).copy_(qkv[b : b + 1, self.heads + self.kv_heads :])
+                o = F.scaled_dot_product_attention(
+                    qk[b : b + 1, : self.heads], keys.narrow(2, 0, p + 1), values.narrow(2, 0, p + 1),
+                    scale=self.scaling, enable_gqa=self.kv_heads != self.heads,
+                )  # fmt: skip
+                out[b] = o.transpose(1, 2).reshape(1, self.heads * self.head_dim)
+            x = x + F.linear(out, w.wo)
             h = rms_norm(x, w.ln_mlp, self.eps)
             gate, up = F.linear(h, w.w_gate_up).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, w.w_down)
@@ -114,15 +154,18 @@ class DecoderStack:
         sin: torch.Tensor,
         start: int,
         mask: CausalBias | None,
+        row: int,
     ) -> torch.Tensor:
-        """`(1, n, H)` normed input -> `(1, n, Hq * D)` attention output (before o_proj)."""
-        n = h.shape[1]
-        # q, k, v in one product: `(1, Hq + 2 Hkv, n, D)`; RoPE on the q and k heads together.
-        qkv = F.linear(h, w.w_qkv).view(1, n, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
+        """`(B, n, H)` normed input -> `(B, n, Hq * D)` attention output (before o_proj)."""
+        B, n = h.shape[0], h.shape[1]
+        # q, k, v in one product: `(B, Hq + 2 Hkv, n, D)`; RoPE on the q and k heads together.
+        qkv = F.linear(h, w.w_qkv).view(B, n, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
         qk = qkv[:, : self.heads + self.kv_heads]
         qk = (qk * cos) + (rotate_half(qk) * sin)
         q, k = qk[:, : self.heads], qk[:, self.heads :]
         keys, values = self.keys[i], self.values[i]
+        if row != 0 or B != keys.shape[0]:
+            keys, values = keys[row : row + B], values[row : row + B]
         keys.narrow(2, start, n).copy_(k)
         values.narrow(2, start, n).copy_(qkv[:, self.heads + self.kv_heads :])
         out = F.scaled_dot_product_attention(
@@ -134,31 +177,33 @@ class DecoderStack:
             scale=self.scaling,
             enable_gqa=self.kv_heads != self.heads,
         )
-        return out.transpose(1, 2).reshape(1, n, self.heads * self.head_dim)
+        return out.transpose(1, 2).reshape(B, n, self.heads * self.head_dim)
 
     def forward_at(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Static-shape step for CUDA graphs: `(1, 1, H)` input at the position held in the 0-dim int64
-        tensor ``pos`` -> `(1, 1, H)`. Attends over the whole cache with a position mask (shapes never
-        change, so one capture serves every position; bits may differ from ``forward``)."""
-        cos = self.cos.index_select(0, pos.view(1)).view(1, 1, 1, -1)
-        sin = self.sin.index_select(0, pos.view(1)).view(1, 1, 1, -1)
-        visible = (self._positions <= pos).view(1, 1, 1, -1)  # (1, 1, 1, max_len)
+        """Static-shape step for CUDA graphs: `(B, 1, H)` inputs, row ``b`` at the position held in
+        ``pos[b]`` (a `(B,)` int64 tensor) of cache row ``b`` -> `(B, 1, H)`. Attends over the whole cache
+        with a position mask (shapes never change, so one capture serves every position; bits may differ
+        from ``forward``)."""
+        B = x.shape[0]
+        cos = self.cos.index_select(0, pos).view(B, 1, 1, -1)
+        sin = self.sin.index_select(0, pos).view(B, 1, 1, -1)
+        visible = (self._positions[None] <= pos[:, None]).view(B, 1, 1, -1)  # (B, 1, 1, max_len)
+        at = pos.view(B, 1, 1, 1).expand(B, self.kv_heads, 1, self.head_dim)
         groups = self.heads // self.kv_heads
         for i, w in enumerate(self.layers):
             h = rms_norm(x, w.ln_attn, self.eps)
             qkv = (
-                F.linear(h, w.w_qkv).view(1, 1, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
+                F.linear(h, w.w_qkv).view(B, 1, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
             )
             qk = qkv[:, : self.heads + self.kv_heads]
             qk = (qk * cos) + (rotate_half(qk) * sin)
-            self.keys[i].index_copy_(2, pos.view(1), qk[:, self.heads :])
-            self.values[i].index_copy_(2, pos.view(1), qkv[:, self.heads + self.kv_heads :])
+            keys, values = self.keys[i][:B], self.values[i][:B]
+            keys.scatter_(2, at, qk[:, self.heads :])
+            values.scatter_(2, at, qkv[:, self.heads + self.kv_heads :])
             # One query: its heads of a group become rows of that group's query (no GQA kernel needed).
-            q = qk[:, : self.heads].reshape(1, self.kv_heads, groups, self.head_dim)
-            out = F.scaled_dot_product_attention(
-                q, self.keys[i], self.values[i], attn_mask=visible, scale=self.scaling
-            )
-            x = x + F.linear(out.reshape(1, 1, self.heads * self.head_dim), w.wo)
+            q = qk[:, : self.heads].reshape(B, self.kv_heads, groups, self.head_dim)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=self.scaling)
+            x = x + F.linear(out.reshape(B, 1, self.heads * self.head_dim), w.wo)
             h = rms_norm(x, w.ln_mlp, self.eps)
             gate, up = F.linear(h, w.w_gate_up).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, w.w_down)
