@@ -165,7 +165,8 @@ def test_two_scripts_with_one_name_are_refused_before_any_work(setup: None, tmp_
     out = tmp_path / "out"
     assert main(["batch", str(first), str(other), "-o", str(out), "--model", "no-model-here"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "rename one of them" in err, err
+    wanted = "is given twice: give each script once" if second == "one.txt" else "rename one of them"
+    assert err.startswith("error: ") and "\n" not in err and wanted in err, err
     assert not out.exists()
 
 

@@ -222,6 +222,8 @@ def check_names(scripts: list[Path]) -> None:
     seen: dict[str, Path] = {}
     for script in scripts:
         key = script.stem.casefold()
+        if key in seen and seen[key].absolute() == script.absolute():
+            raise CompanionError(f"{script} is given twice: give each script once")
         if key in seen:
             raise CompanionError(f"{seen[key]} and {script} would both be rendered into the folder '{script.stem}': "
                                  "rename one of them (each script's folder is named after its file)")
