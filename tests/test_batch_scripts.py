@@ -6,7 +6,12 @@ other script's first line is there too, which only a batch that renders them at 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -180,3 +185,49 @@ def test_a_folder_holding_one_script_is_not_mixed_with_several(setup: None, tmp_
     err = capsys.readouterr().err.strip()
     assert err == (f"error: {out}: holds one script's rendering; several scripts are rendered into folders of their "
                    "own inside -o DIR: choose another -o DIR, or pass --force to write into it")
+
+
+LONG_ONE = "Good morning.\nguest16: Morning to you.\nHow did you sleep?\nguest16: Not well.\nI am sorry.\n"
+LONG_TWO = "guest16: It was late.\nThe rain stopped.\nYes. || No.\nguest16: Bye.\nBye then.\n"
+
+
+def test_ctrl_c_stops_every_script_and_the_same_command_finishes_them(
+        setup: None, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Ctrl-C while two scripts render: exit 130, each folder claims only files it has; the same command
+    then finishes both, and they come out as each alone."""
+    one, two = tmp_path / "one.txt", tmp_path / "two.txt"
+    one.write_text(LONG_ONE)
+    two.write_text(LONG_TWO)
+    alone = [_alone(tiny_model_dir, s, tmp_path / f"alone-{s.stem}") for s in (one, two)]
+    out = tmp_path / "book"
+    argv = [sys.executable, "-m", "companion", "batch", str(one), str(two), "-o", str(out), "--model",
+            str(tiny_model_dir), "--voice", "guest", "--seed", "5", "--no-history"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+
+    def done(folder: Path) -> int:
+        try:
+            return sum(1 for e in _manifest(folder)["lines"] if e["done"] and not e["clear"])
+        except (OSError, ValueError):  # not written yet (written atomically: never half)
+            return 0
+
+    try:
+        while proc.poll() is None:
+            if done(out / "one") >= 1 and done(out / "two") >= 1:  # both under way
+                proc.send_signal(signal.SIGINT)
+                break
+            time.sleep(0.02)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    rendered = done(out / "one") + done(out / "two")
+    assert f"interrupted: {rendered} of 10 lines are rendered (each script's manifest.json says which)" in err
+    for folder in (out / "one", out / "two"):
+        stopped = _manifest(folder)
+        assert all((folder / e[k]).is_file() for e in stopped["lines"] if e["done"] and not e["clear"]
+                   for k in ("file", "take"))  # the manifest claims no missing file
+    assert main(argv[3:]) == 0
+    for folder, solo in zip((out / "one", out / "two"), alone, strict=True):
+        _same_audio(folder, solo)
+        assert _manifest(folder)["lines"] == _manifest(solo)["lines"]
