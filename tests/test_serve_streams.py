@@ -193,3 +193,32 @@ def test_a_listener_hanging_up_mid_reply_leaves_the_other_three_untouched(four: 
                                                      "response_format": "pcm", "conversation": "cut"})
     assert again.status_code == 200 and len(pcm_samples(again.content)) > 0
     assert [t["text"] for t in four.http.get("/v1/conversations/cut").json()["turns"]] == ["First line here.", "Fourth."]
+
+
+def test_a_conversation_in_use_is_neither_deleted_nor_dropped_to_make_room(tiny_model_dir: Path, data_dir: Path) -> None:
+    """Two speech threads, interleaved here by hand: conversation 'a' is mid-reply when 'b' is made, with
+    room for one conversation (in memory and in the history). 'a' is not deleted or dropped under its
+    reply: both its sentences are kept; the limits apply once it is done."""
+    from test_session import add_profile
+
+    from companion.config import load_settings
+    from companion.engine import Engine
+    from companion.refcache import ReferenceCache
+    from companion.server.conversations import Conversations
+
+    engine = Engine.load(str(tiny_model_dir), device="cpu", dtype="float32", max_seq_len=512, max_batch=2)
+    settings = load_settings(overrides={
+        "generation": {"max_segment_seconds": 0.8, "seed": 1}, "context": {"max_seq_len": 512},
+        "watermark": {"enabled": False}, "serve": {"max_conversations": 1, "live_conversations": 1}})
+    with Store() as store:
+        conversations = Conversations(engine, settings, store, add_profile(data_dir, "guest"), ReferenceCache())
+        reply = conversations.speak("Yes. No.", "guest", "a", threading.Event())  # two sentences
+        next(reply)  # 'a' is mid-reply (its first sentence)
+        assert list(conversations.speak("Right.", "guest", "b", threading.Event()))  # one more than room for
+        assert list(reply)
+        described = conversations.describe("a")
+        assert described is not None and [t["text"] for t in described["turns"]] == ["Yes.", "No."]
+        assert sorted(name for name, _ in store.conversations("")) == ["a", "b"]  # both kept while 'a' spoke
+        list(conversations.speak("Again.", "guest", "c", threading.Event()))  # now the limit applies
+        assert [name for name, _ in store.conversations("")] == ["c"]
+        assert list(conversations._live) == [("", "c")]

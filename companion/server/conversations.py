@@ -68,8 +68,7 @@ class Conversations:
             return _Then(chunks, session.close)
         key = (namespace, conversation)
         with self._lock:
-            session = self._session(key)
-            self._in_use[key] += 1
+            session = self._claim(key)
         session.delivered = delivered
         try:
             chunks = session.speak(text, voice=voice, cancel=cancel)
@@ -138,8 +137,7 @@ class Conversations:
             if key not in self._live and self.store.conversation_session_id(key[1], key[0]) is None:
                 session = None
             else:
-                session = self._session(key)
-                self._in_use[key] += 1
+                session = self._claim(key)
         if session is None:
             yield None
             return
@@ -166,8 +164,17 @@ class Conversations:
         for key in idle[: max(0, len(self._live) - self.limit)]:
             self._live.pop(key).close()  # it is in the history: the next request for it resumes it from there
 
+    def _claim(self, key: Key) -> Session:
+        """(Under the lock.) The session of ``key``, in use until ``_release`` (so the limits, applied
+        now to the others, never drop or delete it)."""
+        session = self._session(key)
+        self._in_use[key] += 1
+        self._trim()
+        return session
+
     def _session(self, key: Key) -> Session:
-        """(Under the lock.)"""
+        """(Under the lock.) The session of ``key``: in memory, resumed from the history, or new (making
+        room for it in the history: the key's conversation unused longest, not in use, is deleted)."""
         if time.monotonic() - self._swept > SWEEP_SECONDS:
             self.sweep()
         session = self._live.get(key)
@@ -190,7 +197,6 @@ class Conversations:
                 self.engine.model_key, self.engine.max_seq_len, [], None, conversation=conversation, namespace=namespace
             )
         self._live[key] = session
-        self._trim()
         return session
 
 
