@@ -191,6 +191,12 @@ LONG_ONE = "Good morning.\nguest16: Morning to you.\nHow did you sleep?\nguest16
 LONG_TWO = "guest16: It was late.\nThe rain stopped.\nYes. || No.\nguest16: Bye.\nBye then.\n"
 
 
+def _hears_ctrl_c() -> None:
+    """In the child: Ctrl-C's default, even when the tests run as a background job (a shell starts
+    those with SIGINT ignored, and Python then never installs its KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_every_script_and_the_same_command_finishes_them(
         setup: None, tiny_model_dir: Path, tmp_path: Path) -> None:
     """Ctrl-C while two scripts render: exit 130, each folder claims only files it has; the same command
@@ -202,7 +208,8 @@ def test_ctrl_c_stops_every_script_and_the_same_command_finishes_them(
     out = tmp_path / "book"
     argv = [sys.executable, "-m", "companion", "batch", str(one), str(two), "-o", str(out), "--model",
             str(tiny_model_dir), "--voice", "guest", "--seed", "5", "--no-history"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+                            preexec_fn=_hears_ctrl_c)
 
     def done(folder: Path) -> int:
         try:
