@@ -34,7 +34,7 @@ not finished are rendered. The conversation is recorded in the history unless --
 
 Several scripts (chapters, say): `companion batch one.txt two.txt -o DIR` renders each into a folder of
 its own named after the file (DIR/one/, DIR/two/: the same files as above), each its own conversation;
-up to engine.max_batch scripts are rendered at the same time (the others wait for their turn), under
+up to engine.max_batch scripts (config.yaml) are rendered at the same time (the others wait for their turn), under
 one progress bar for all their lines. Two scripts with the same file name cannot share DIR."""
 CONVERSATION_FILE = CONVERSATION
 
