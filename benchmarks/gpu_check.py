@@ -26,6 +26,11 @@ and the JSON file is rewritten after every section, so a run cut short keeps wha
 5. ``graph_speed``: ms per frame (sampling) with graphs and without, same prompt and weights.
 6. ``bench``: ``companion bench``'s numbers (RTF, ms per frame, first audio with a cold and a cached
    2-minute reference, prefill, the transformers baseline and the memory floor) with graphs on.
+7. ``streams``: several streams through one frame loop (an engine of ``max_batch`` 8 on the same
+   weights, graphs per batch size, each self-checked at its first use): a stream beside three others
+   against the same stream alone (greedy codes: equal frames; cuBLAS may pick other kernels for other
+   batch sizes, so bf16 low bits may differ), then ``companion bench --streams 1,2,4,8``'s numbers
+   (aggregate frames/s, ms per frame and RTF of each stream, speed-up over one stream).
 
 ``--dry-run`` runs it all on the tiny checkpoint on CPU with graphs replaced by the eager replay the
 CPU tests use (``Capture``), to prove the script itself works where there is no GPU.
@@ -61,6 +66,7 @@ from companion.engine.bench import (
     reference,
     run_bench,
 )
+from companion.engine.bench_streams import streams_section
 from companion.engine.cuda_graphs import CUDA_GRAPHS, Capture, CudaGraphCapture, FrameGraphs
 
 
@@ -132,7 +138,7 @@ def backbone_logits(engine: Engine, context: list, codes: torch.Tensor, at: bool
     logits = [F.linear(hidden[:, -1], loop.lm_head).float()]
     for frame in codes[:-1].to(loop.device):
         if at:
-            pos = torch.tensor(loop.length, device=loop.device)
+            pos = torch.tensor([loop.length], device=loop.device)
             hidden = loop.backbone.forward_at(loop.embed_frames(frame[None]), pos)
             loop.record_frame(frame)
         else:
@@ -185,7 +191,7 @@ def graphed_check(engine: Engine, capture: Capture, frames: int) -> dict[str, An
         "self_check": {
             "passed": capture.off is None,
             "off_reason": capture.off,
-            "units": sorted("greedy" if greedy else "sampled" for greedy in engine.graphs.units),
+            "units": sorted("greedy" if greedy else "sampled" for _, greedy in engine.graphs.units),
         }
     }
     out["exactness"] = exactness(engine, eager_twin(engine), context, frames)
@@ -193,7 +199,7 @@ def graphed_check(engine: Engine, capture: Capture, frames: int) -> dict[str, An
     # Sampled: the sampled unit's self-check runs in its first turn; then graphed vs eager, one seed.
     out["sampled"] = agreement(sampled_codes(engine, context, frames), sampled_codes(eager_twin(engine), context, frames))
     out["sampled"]["graphs_on"] = capture.off is None
-    out["self_check"]["units"] = sorted("greedy" if greedy else "sampled" for greedy in engine.graphs.units)
+    out["self_check"]["units"] = sorted("greedy" if greedy else "sampled" for _, greedy in engine.graphs.units)
     return out
 
 
@@ -209,6 +215,35 @@ def graph_speed(engine: Engine, opts: BenchOptions) -> dict[str, Any]:
         out[f"{name}_ms_per_frame"] = min(s.ms_per_frame for s in runs)
         out[f"{name}_frames"] = [s.frames for s in runs]
     out["eager_over_graphed"] = out["eager_ms_per_frame"] / max(out["graphed_ms_per_frame"], 1e-9)
+    return out
+
+
+def streams_check(engine: Engine, capture: Capture, args: argparse.Namespace, opts: BenchOptions,
+                  log: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+    """A stream beside three others vs alone, and the aggregate speed of 1, 2, 4 and 8 streams."""
+    import threading
+
+    many = Engine(engine.model, engine.processor, engine.model_key, engine.max_seq_len, capture=capture, max_batch=8)
+    context = [reference(engine, REF_SHORT_FRAMES)]
+    frames = min(args.frames, 48)
+    alone = greedy_codes(many, context, frames)
+    results: dict[int, torch.Tensor] = {}
+
+    def speak(i: int) -> None:
+        options = GenerationOptions(temperature=0.0 if i == 0 else 0.9, topk=50, seed=i, max_frames=frames)
+        text = TURNS[i % len(TURNS)]
+        results[i] = torch.cat([c.codes for c in many.stream(context, 0, text, options)], dim=1)
+
+    threads = [threading.Thread(target=speak, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out: dict[str, Any] = {"beside_three_vs_alone": agreement(results[0].T, alone)}
+    bench_opts = BenchOptions(frames=4 if args.dry_run else 32, repeats=1 if args.dry_run else opts.repeats)
+    out.update(streams_section(many, [1, 2, 4, 8], bench_opts, lambda t: log(f"streams: {t}")))
+    out["graphs_on"] = capture.off is None
+    out["batch_units"] = sorted(f"{n} {'greedy' if g else 'sampled'}" for n, g in (many.graphs.units if many.graphs else {}))
     return out
 
 
@@ -317,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             if "bench" in out:
                 out["bench"]["graphs_on"] = capture.off is None
+        # 7. Several streams through one frame loop.
+        section("several streams at once", lambda: {"streams": streams_check(engine, capture, args, opts, log)})
     out["graphs_off_reason"] = capture.off
     work_dir.cleanup()
     save()

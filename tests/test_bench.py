@@ -130,3 +130,39 @@ def test_the_engine_and_the_baseline_are_measured_in_interleaved_pairs(tiny_engi
     assert order == ["engine", "baseline"] * 4  # the warm-ups, then three pairs
     runs = zip(eng["ms_per_frame_runs"], base["ms_per_frame_runs"], strict=True)
     assert pairs == [a / b for a, b in runs]
+
+
+def test_streams_are_measured_in_rounds_and_each_count_against_one_of_its_round(tiny_model_dir) -> None:
+    """--streams: every count once per round (1, 2, 4, 1, 2, 4, ...); each count's speed-up over one
+    stream is the median of its rounds' ratios; every stream makes all its frames."""
+    from companion.engine import Engine, bench, bench_streams
+
+    engine = Engine.load(str(tiny_model_dir), device="cpu", dtype="float32", max_seq_len=512, max_batch=4)
+    calls: list[int] = []
+    real = bench_streams.run_streams
+
+    def run_streams(engine, n, *args, **kwargs):
+        calls.append(n)
+        return real(engine, n, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench_streams, "run_streams", run_streams)
+        out = bench_streams.streams_section(engine, [1, 2, 4], bench.BenchOptions(frames=3, repeats=2), lambda t: None)
+    assert calls == [4] + [1, 2, 4] * 2  # the warm-up fills every slot, then two rounds
+    rows = {row["streams"]: row for row in out["streams"]}
+    assert sorted(rows) == [1, 2, 4] and out["frames"] == 3
+    for n, row in rows.items():
+        one = rows[1]["seconds_runs"]
+        pairs = [n * a / b for a, b in zip(one, row["seconds_runs"], strict=True)]
+        assert row["aggregate_over_one_pairs"] == pairs
+        assert row["aggregate_over_one"] == statistics.median(pairs)
+        assert row["aggregate_frames_per_s"] == n * 3 / min(row["seconds_runs"])
+        assert row["rtf_per_stream"] == min(row["seconds_runs"]) * 1000 / 3 / 80.0
+    assert engine.active_streams == 0
+
+
+@pytest.mark.parametrize("value", ["1,x", "0,2", ",", "-1"])
+def test_bad_stream_counts_are_one_line_errors(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--random-weights", "tiny", "--streams", value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--streams" in err and "1,2,4,8" in err

@@ -34,6 +34,11 @@ def test_dry_run_runs_every_section(tmp_path: Path) -> None:
         assert part["exactness"]["eager_vs_transformers"]["equal"]
         assert part["sampled"]["equal"] and part["sampled"]["frames"] == 8 and part["sampled"]["graphs_on"]
         assert part["self_check"]["units"] == ["greedy", "sampled"]
+    streams = result["streams"]  # several streams at once: exact on the CPU, every count measured
+    assert streams["beside_three_vs_alone"]["equal"] and streams["graphs_on"]
+    assert [row["streams"] for row in streams["streams"]] == [1, 2, 4, 8]
+    assert all(row["aggregate_frames_per_s"] > 0 for row in streams["streams"])
+    assert {"1 greedy", "4 sampled", "8 sampled"} <= set(streams["batch_units"])
     forced = result["teacher_forced"]
     assert forced["frames"] == 8
     for step in ("eager_step", "graph_step", "graph_step_float32"):

@@ -101,6 +101,19 @@ def test_a_context_that_does_not_fit_the_memory_names_what_would() -> None:
     assert memory.fits(memory.estimate("someone/not-downloaded", None, suggested, 4), available)
 
 
+def test_several_streams_need_a_context_each_and_the_message_names_max_batch() -> None:
+    one = memory.estimate("someone/not-downloaded", None, 4096, 2)
+    four = memory.estimate("someone/not-downloaded", None, 4096, 2, streams=4)
+    assert four.weights == one.weights and four.context == 4 * one.context
+    available = one.total + one.context  # room for two streams' contexts, not four
+    assert memory.fits(one, available) and not memory.fits(four, available)
+    message = memory.too_big_message(four, available, "available memory")
+    assert "\n" not in message and "for 4 streams at once" in message and "engine.max_batch" in message
+    suggested = int(message.split("at most about ")[1].split()[0])
+    assert memory.fits(memory.estimate("someone/not-downloaded", None, suggested, 2, streams=4), available)
+    assert "max_batch" not in memory.too_big_message(one, one.weights, "available memory")
+
+
 # ---- threads ----------------------------------------------------------------------------------------
 
 

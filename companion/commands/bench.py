@@ -19,7 +19,9 @@ DESCRIPTION = (
     "Mimi decode, memory) and the hardware floor (weight bytes per frame / measured bandwidth). "
     "With --conversation N, instead: a scripted N-turn conversation with a 2-minute reference that "
     "overflows the context (positions prefilled per turn, context prunes, first-audio latency), once "
-    "pruning one turn at a time and once as configured (context.prune_to)."
+    "pruning one turn at a time and once as configured (context.prune_to). "
+    "With --streams 1,2,4,8, instead: how many frames per second that many listeners at once get "
+    "(each count in turn, in rounds), and each listener's speed against real time."
 )
 
 
@@ -34,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--repeats", type=int, default=3, metavar="N", help="runs per latency measurement (default 3)")
     g.add_argument("--conversation", type=int, metavar="N",
                    help="measure a scripted N-turn conversation through the session instead (prefill, prunes, first audio)")
+    g.add_argument("--streams", metavar="N,N,...",
+                   help="measure several streams at once instead, e.g. 1,2,4,8 (frames per second of each count, "
+                        "and each stream's real-time factor)")
     g.add_argument("--json", type=Path, metavar="FILE", help="also write the results to FILE as JSON")
 
 
@@ -44,13 +49,25 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--frames must be at least 2 and --repeats at least 1")
     if args.conversation is not None and args.conversation < 1:
         raise UsageError("--conversation must be at least 1 turn")
+    if args.streams is not None and args.conversation is not None:
+        raise UsageError("--streams and --conversation exclude each other: pick one")
+    args.counts = None
+    if args.streams is not None:
+        from companion.engine.bench_streams import parse_counts
+
+        try:
+            args.counts = parse_counts(args.streams)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
     settings = settings_from_args(args)
     if not args.random_weights:
-        check_memory(settings)
+        check_memory(settings, max(args.counts or [1]))
     with torch_threads(settings.engine.threads):
         results = _measure(args, settings)
     if args.conversation:
         _print_conversation(results)
+    elif args.counts:
+        _print_streams(results)
     else:
         _print_table(results)
     if args.json:
@@ -70,16 +87,26 @@ def _measure(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     dtype = select_dtype(settings.model.dtype, device)
     opts = bench.BenchOptions(frames=args.frames, repeats=args.repeats)
     max_seq_len = settings.context.max_seq_len
+    max_batch = max(args.counts or [1])
     with tempfile.TemporaryDirectory(prefix="companion-bench-") as work:
         _log(f"loading {args.random_weights or settings.model.id} on {device.type} ({dtype})")
         if args.random_weights:
-            engine, label = bench.random_engine(args.random_weights, device, dtype, work, max_seq_len)
+            engine, label = bench.random_engine(args.random_weights, device, dtype, work, max_seq_len, max_batch)
         else:
             from companion.engine import Engine
 
             engine = Engine.load(settings.model.id, revision=settings.model.revision, device=device.type,
-                                 dtype=str(dtype).removeprefix("torch."), max_seq_len=max_seq_len)  # fmt: skip
+                                 dtype=str(dtype).removeprefix("torch."), max_seq_len=max_seq_len,
+                                 max_batch=max_batch)  # fmt: skip
             label = engine.model_key
+        if args.counts:
+            from companion.engine.bench_streams import streams_section
+
+            section = streams_section(engine, args.counts, opts, _log)
+            return bench.finite({
+                **section, "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
+                "model": label, "machine": bench.machine(engine.device),
+            })  # fmt: skip
         if args.conversation:
             from companion.session.bench import ConversationOptions, run_conversations
 
@@ -133,6 +160,21 @@ def _print_table(r: dict[str, Any]) -> None:
     ]
     for name, value in rows:
         table.add_row(name, value)
+    Console().print(table)
+
+
+def _print_streams(r: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"companion bench --streams: {r['model']} on {r['device']} ({r['dtype']}), {r['frames']} frames each")
+    for name in ("streams", "frames/s, all streams", "x one stream (median of rounds)", "ms/frame, each stream",
+                 "real-time factor, each"):
+        table.add_column(name, justify="right")
+    for row in r["streams"]:
+        over = row.get("aggregate_over_one")
+        table.add_row(str(row["streams"]), _fmt(row["aggregate_frames_per_s"]), _fmt(over) if over is not None else "n/a",
+                      _fmt(row["ms_per_frame_per_stream"]), _fmt(row["rtf_per_stream"]))
     Console().print(table)
 
 

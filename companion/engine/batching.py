@@ -142,12 +142,24 @@ class Batcher:
         with self._cond:
             stream.left = True
             self._cond.notify_all()
+            if threading.current_thread() is self._thread:
+                return  # a stream dropped and collected in the frame thread itself: it goes at the next frame
             while stream in self._streams:
                 self._cond.wait()
 
     # ---- the frame thread ---------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._iterate()
+        except BaseException as err:  # the loop itself broke: nobody may wait for frames that never come
+            with self._cond:
+                for s in list(self._streams):
+                    self._drop(s, ("error", err))
+                self._thread = None
+            raise
+
+    def _iterate(self) -> None:
         while True:
             with self._cond:
                 for s in [s for s in self._streams if s.stopped()]:

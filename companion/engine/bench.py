@@ -268,7 +268,7 @@ _ROPE = {  # csm-1b: llama3 RoPE scaling
 
 
 def random_engine(
-    kind: str, device: torch.device, dtype: torch.dtype, workdir: str, max_seq_len: int = 4096
+    kind: str, device: torch.device, dtype: torch.dtype, workdir: str, max_seq_len: int = 4096, max_batch: int = 1
 ) -> tuple[Engine, str]:
     """An engine on random weights: ``tiny`` (the test checkpoint, written to ``workdir`` and loaded as a
     user's model is) or ``full`` (the csm-1b architecture, built directly in ``dtype`` on ``device``)."""
@@ -286,7 +286,9 @@ def random_engine(
     if kind == "tiny":
         path = tc.write_tiny_checkpoint(workdir, codebooks=32, seed=0)
         dtype_name = str(dtype).removeprefix("torch.")
-        return Engine.load(str(path), device=device.type, dtype=dtype_name, max_seq_len=max_seq_len), "random-tiny"
+        engine = Engine.load(str(path), device=device.type, dtype=dtype_name, max_seq_len=max_seq_len,
+                             max_batch=max_batch)
+        return engine, "random-tiny"
     # The csm-1b architecture (transformers' defaults for CsmConfig are csm-1b's sizes), with the test
     # tokenizer: its special-token ids go into the config; the text vocabulary keeps its real size.
     tokenizer = tc.build_tokenizer()
@@ -307,7 +309,8 @@ def random_engine(
         torch.set_default_dtype(previous)
     extractor = EncodecFeatureExtractor(feature_size=1, sampling_rate=24000, padding_value=0.0)
     processor = CsmProcessor(feature_extractor=extractor, tokenizer=tokenizer, chat_template=tc.CHAT_TEMPLATE)
-    return Engine(model, processor, "random-full@seed0", max_seq_len), "random-full (csm-1b architecture)"
+    engine = Engine(model, processor, "random-full@seed0", max_seq_len, max_batch=max_batch)
+    return engine, "random-full (csm-1b architecture)"
 
 
 # ---- the whole bench ------------------------------------------------------------------------------

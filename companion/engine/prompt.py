@@ -9,6 +9,7 @@ share a KV prefix exactly as far as their rows are equal, which is what prefix r
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -23,13 +24,15 @@ class PromptBuilder:
 
     def __init__(self, tokenizer: Any, num_codebooks: int) -> None:
         self.tokenizer = tokenizer
+        self._lock = threading.Lock()  # a fast tokenizer may refuse two threads at once ("Already borrowed")
         self.num_codebooks = num_codebooks
         self.bos = int(tokenizer.bos_token_id)
         self.eos = int(tokenizer.eos_token_id)
 
     def text_ids(self, speaker: int, text: str) -> list[int]:
         """``<bos>[speaker]text<eos>`` as token ids (the special tokens split the text, as in the template)."""
-        body = self.tokenizer.encode(f"[{speaker}]{text}", add_special_tokens=False)
+        with self._lock:
+            body = self.tokenizer.encode(f"[{speaker}]{text}", add_special_tokens=False)
         return [self.bos, *body, self.eos]
 
     def text_positions(self, speaker: int, text: str) -> int:
