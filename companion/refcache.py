@@ -5,6 +5,11 @@ engine's ``model_key`` + its ``codec_key`` (the codec's dtype, device and a fing
 codes encoded in another precision, on another device or by other weights may differ, so they are never
 reused across them). The transcript is not part of it: the codes depend on the audio only. A hit
 costs hashing the files and reading one small safetensors file: no decoding, preparation or codec.
+
+Threads (serve and batch speak several voices at once): ``making()`` is one lock for the whole
+process, held while a reference is looked up and made (hash, encode, store) or saved with its
+profile, so a reference is encoded once however many replies need it at the same moment, and a
+profile's audio and its cached codes are always written as a pair.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +31,7 @@ from companion.config import ReferenceSettings
 from companion.paths import get_paths
 
 CACHE_FORMAT = 1
+_MAKING = threading.RLock()  # one reference made (or saved) at a time in this process
 
 
 def file_digest(path: str | os.PathLike[str]) -> str:
@@ -55,6 +62,11 @@ class ReferenceCache:
             "codec": codec_key,
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:40]
+
+    @staticmethod
+    def making() -> threading.RLock:
+        """The lock to hold while a reference is looked up and made, or saved with its profile."""
+        return _MAKING
 
     def path_for(self, key: str) -> Path:
         return self.directory / f"{key}.safetensors"

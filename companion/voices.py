@@ -383,16 +383,17 @@ def load_voice(
     files = profile.audio_paths(paths)
     if not files:
         return voice
-    key = cache.key(files, settings, engine.model_key, engine.codec_key)
-    voice.codes = cache.get(key)
-    if voice.codes is not None:
-        voice.cache_hit = True
-        return voice
-    prepared = prepare_references(files, settings)
-    codes = engine.encode(prepared.samples)
-    if codes.dim() != 2:
-        raise CompanionError(f"{profile.where()}: the engine returned codes of shape {tuple(codes.shape)}, expected (K, T)")
-    voice.codes, voice.audio, voice.reports = codes.to("cpu", torch.int64), prepared.samples, prepared.reports
-    cache.put(key, voice.codes, {"voice": profile.name, "model": engine.model_key,
-                                 "files": ", ".join(str(f) for f in files)})
+    with cache.making():  # the files are not replaced meanwhile, and two callers encode them once
+        key = cache.key(files, settings, engine.model_key, engine.codec_key)
+        voice.codes = cache.get(key)
+        if voice.codes is not None:
+            voice.cache_hit = True
+            return voice
+        prepared = prepare_references(files, settings)
+        codes = engine.encode(prepared.samples)
+        if codes.dim() != 2:
+            raise CompanionError(f"{profile.where()}: the engine returned codes of shape {tuple(codes.shape)}, expected (K, T)")
+        voice.codes, voice.audio, voice.reports = codes.to("cpu", torch.int64), prepared.samples, prepared.reports
+        cache.put(key, voice.codes, {"voice": profile.name, "model": engine.model_key,
+                                     "files": ", ".join(str(f) for f in files)})
     return voice

@@ -18,11 +18,12 @@ from companion.config import Settings, load_settings
 STARTUP_LIMIT_S = 120  # a generous bound on waiting for startup (never a pass/fail threshold)
 
 
-def serve_settings(model_dir: Path, **serve: Any) -> Settings:
+def serve_settings(model_dir: Path, max_batch: int = 1, **serve: Any) -> Settings:
     return load_settings(overrides={
         "model": {"id": str(model_dir), "device": "cpu", "dtype": "float32"},
         "generation": {"max_segment_seconds": 2.0, "seed": 7},
         "context": {"max_seq_len": 1024},
+        "engine": {"max_batch": max_batch},
         "serve": serve,
     })
 

@@ -121,10 +121,16 @@ def _times(out: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in sorted(out.rglob("*")) if p.is_file()}
 
 
+def _hears_ctrl_c() -> None:
+    """In the child: Ctrl-C's default, even when the tests run as a background job (a shell starts
+    those with SIGINT ignored, and Python then never installs its KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupted(argv: list[str], out: Path, sig: signal.Signals) -> tuple[int, str, dict]:
     """Start a batch, and once its manifest shows two lines done, send ``sig``; (exit code, stderr, manifest)."""
     proc = subprocess.Popen([sys.executable, "-m", "companion", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+                            stderr=subprocess.PIPE, text=True, env=os.environ.copy(), preexec_fn=_hears_ctrl_c)
     try:
         while proc.poll() is None:
             try:

@@ -71,6 +71,10 @@ CASES += [
     ("a binary script", "companion batch binary.txt -o out --model no-model-here"),
     ("a folder batch did not write", "companion batch lines.txt -o photos --model no-model-here"),
 ]
+# Issue 21: several scripts at once.
+CASES += [
+    ("the same script twice", "companion batch lines.txt lines.txt -o out --model no-model-here"),
+]
 
 # (what it shows, the command line as typed): the second table, its own block in docs/errors.md
 MACHINE_CASES: list[tuple[str, str]] = [

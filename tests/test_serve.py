@@ -1,6 +1,6 @@
 """`companion serve` end to end: the real server (uvicorn on an ephemeral loopback port, the tiny
 checkpoint) and the official `openai` client. Generation is paused deterministically by holding the
-speech worker's engine lock (the server's own gate between chunks), never by timing."""
+speech worker's gate (the server's own pause between chunks), never by timing."""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def test_four_clients_served_a_fifth_gets_429(server: LiveServer) -> None:
             results[i] = err
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
-    with worker.engine_lock:  # the engine is paused: nothing finishes until it is released
+    with worker.gate:  # the engine is paused: nothing finishes until it is released
         threads[0].start()
         wait_for(lambda: worker.generating == 1, "the first request to reach the engine")
         for t in threads[1:]:
@@ -119,7 +119,7 @@ def test_a_waiting_client_that_hangs_up_frees_its_place(server: LiveServer) -> N
     done: list[bytes] = []
     first = threading.Thread(target=lambda: done.append(client.audio.speech.create(
         model="csm-1b", voice="default", input="First.", response_format="pcm").content))
-    with worker.engine_lock:
+    with worker.gate:
         first.start()
         wait_for(lambda: worker.generating == 1, "the first request to reach the engine")
         body = json.dumps({"model": "csm-1b", "voice": "default", "input": "Second.", "response_format": "pcm"}).encode()
@@ -144,11 +144,11 @@ def test_hang_up_stops_the_generation(server: LiveServer) -> None:
         model="csm-1b", voice="default", input=LONG_INPUT, response_format="pcm"
     ) as response:
         next(response.iter_bytes())
-        worker.engine_lock.acquire()  # pause the engine between two chunks, then hang up
+        worker.gate.acquire()  # pause the engine between two chunks, then hang up
     try:
         wait_for(lambda: server.metric("companion_client_disconnects_total") == 1, "the server to see the hang-up")
     finally:
-        worker.engine_lock.release()
+        worker.gate.release()
     wait_for(lambda: server.metric("companion_generations_cancelled_total") == 1, "the generation to stop")
     wait_for(lambda: worker.generating == 0, "the engine to be free")
     cut = server.metric("companion_audio_chunks_total") - before

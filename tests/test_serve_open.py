@@ -1,7 +1,7 @@
 """`companion serve` open to others (issue 20): named keys and their conversations, what a stopped
 reply keeps, input with nothing to speak, the HTTP contract's corners. The real server on a loopback
 port, the tiny checkpoint, the official `openai` client; generation is paused by holding the speech
-worker's engine lock, never by timing."""
+worker's gate, never by timing."""
 
 from __future__ import annotations
 
@@ -173,12 +173,12 @@ def test_a_hang_up_in_segment_two_keeps_segment_one_only(server: LiveServer) -> 
         reader.start()
         wait_for(lambda: _kept("cut") == 1, "segment 1 to be sent and kept")
         # The worker's call that kept segment 1 went on to produce segment 2's first chunk: it is mid-segment.
-        worker.engine_lock.acquire()
+        worker.gate.acquire()
         raw.shutdown(socket.SHUT_RDWR)
     try:
         wait_for(lambda: server.metric("companion_client_disconnects_total") == 1, "the server to see the hang-up")
     finally:
-        worker.engine_lock.release()
+        worker.gate.release()
     wait_for(lambda: worker.generating == 0, "the engine to be free")
     assert server.metric("companion_generations_cancelled_total") == 1
     assert _turns(server, None, "cut") == ["First line here."]
@@ -216,7 +216,7 @@ def test_a_segment_generated_but_not_sent_is_not_kept(server: LiveServer) -> Non
                 cancel.set()  # as the server does when the client is gone
         return out
 
-    with state.worker.engine_lock:
+    with state.worker.gate:
         run()
     assert len(calls) == 2
     assert _turns(server, None, "held") == ["First line here."]
@@ -250,7 +250,7 @@ def test_a_hang_up_before_the_first_audio_is_a_disconnect_not_an_error(server: L
     _speak(server, None, "Hi.")
     worker = server.state.worker
     body = json.dumps({"model": "csm-1b", "voice": "default", "input": "Never heard.", "response_format": "pcm"})
-    with worker.engine_lock:  # the request reaches the engine, which is paused before its first chunk
+    with worker.gate:  # the request reaches the engine, which is paused before its first chunk
         with socket.create_connection(("127.0.0.1", server.port)) as raw:
             raw.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body.encode()))

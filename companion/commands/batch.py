@@ -1,4 +1,5 @@
-"""`companion batch`: render a script of lines to numbered WAV files and the whole conversation.
+"""`companion batch`: render a script of lines to numbered WAV files and the whole conversation; or
+several scripts, each into a folder of its own, at the same time (companion/commands/batch_render.py).
 
 The output folder is the batch's: manifest.json says which file holds which line and what decided its
 audio (companion/session/manifest.py); a rerun renders only what changed or was not finished.
@@ -11,8 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-import numpy as np
-
+from companion.commands.batch_render import ScriptWork
 from companion.commands.common import add_model_arguments, open_engine, settings_from_args
 from companion.errors import CompanionError
 from companion.session.manifest import CONVERSATION, MANIFEST, TAKES, LineEntry, Manifest
@@ -20,9 +20,7 @@ from companion.textfile import read_text_file
 
 if TYPE_CHECKING:
     from companion.config import Settings
-    from companion.engine import Engine
-    from companion.session import Session
-    from companion.session.replay import Take, Takes
+    from companion.session.replay import Take
     from companion.voices import VoiceStore
 
 HELP = "render a script (one line per utterance) to numbered WAV files and the whole conversation"
@@ -32,12 +30,19 @@ by the voice `name` (a name that is not a voice is an error; write `\\name: text
 written); `a || b` alternates between the voices used so far; `$CLEAR$` forgets the conversation; `#`
 starts a comment line. With --paragraphs, lines wrapped by hand are joined and a blank line ends an
 utterance. Run it again on the same DIR and only the lines that changed (and those after them) or were
-not finished are rendered. The conversation is recorded in the history unless --no-history."""
+not finished are rendered. The conversation is recorded in the history unless --no-history.
+
+Several scripts (chapters, say): `companion batch one.txt two.txt -o DIR` renders each into a folder of
+its own named after the file (DIR/one/, DIR/two/: the same files as above), each its own conversation;
+up to engine.max_batch scripts (config.yaml) are rendered at the same time (the others wait for their turn), under
+one progress bar for all their lines. Two scripts with the same file name cannot share DIR."""
 CONVERSATION_FILE = CONVERSATION
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("script", type=Path, help="the script: a UTF-8 text file, one utterance per line")
+    parser.add_argument("script", type=Path, nargs="+",
+                        help="the script: a UTF-8 text file, one utterance per line; give several (chapters, say) "
+                             "to render each into a folder of its own inside DIR, several at the same time")
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="folder for the WAV files")
     parser.add_argument("--voice", help="voice for lines without a `name:` (default: the config's voice)")
     parser.add_argument("--seed", type=int, help="make the rendering reproducible")
@@ -73,38 +78,64 @@ def read_script_file(path: Path, known: list[str] | None = None, paragraphs: boo
 
 
 def run(args: argparse.Namespace) -> int:
+    from companion.commands.batch_render import check_names, render
     from companion.commands.chat import check_before_loading
     from companion.voices import DEFAULT_VOICE, VoiceStore
 
     voices = VoiceStore()
     settings = settings_from_args(args, {"voice": args.voice, "generation": {"seed": args.seed}})
-    lines = read_script_file(args.script, [*voices.names(), DEFAULT_VOICE], args.paragraphs)
+    scripts: list[Path] = list(args.script)
+    several = len(scripts) > 1
+    if several:
+        check_names(scripts)
+    known = [*voices.names(), DEFAULT_VOICE]
+    scripts_lines = [read_script_file(script, known, args.paragraphs) for script in scripts]
     check_before_loading(settings)
-    _check_voices(voices, lines)
-    old = _check_output(args.output, args.force)
-    plan = _plan(lines, settings, voices, args.script)
-    kept, takes = _kept(old, plan, args.output) if not args.force else (0, [])
-    finished = old is not None and old.complete and len(old.lines) == len(plan) and (args.output / CONVERSATION).is_file()
-    if kept == len(plan) and finished:
-        print(f"nothing to render: all {len(plan)} lines in {args.output} are up to date (skipped {len(plan)})")
+    for lines in scripts_lines:
+        _check_voices(voices, lines)
+    if several:
+        _check_parent(args.output, args.force)
+    folders = [args.output / script.stem for script in scripts] if several else [args.output]
+    works, olds = [], []
+    for script, lines, folder in zip(scripts, scripts_lines, folders, strict=True):
+        old = _check_output(folder, args.force)
+        plan = _plan(lines, settings, voices, script)
+        kept, takes = _kept(old, plan, folder) if not args.force else (0, [])
+        finished = old is not None and old.complete and len(old.lines) == len(plan) and (folder / CONVERSATION).is_file()
+        if kept == len(plan) and finished:
+            print(f"nothing to render: all {len(plan)} lines in {folder} are up to date (skipped {len(plan)})")
+            continue
+        # A resumed run records the whole conversation again (kept lines replayed): it replaces the history
+        # entry of the run it finishes, so a Ctrl-C and a rerun leave one conversation, not two.
+        replaces = old.history if old is not None and not old.complete and not args.force else None
+        works.append(ScriptWork(script, folder, Manifest(str(script), plan), kept, takes, replaces))
+        olds.append(old)
+    if not works:
         return 0
-    _forget(old, plan, kept, args.output)
-    manifest = Manifest(str(args.script), plan)
-    manifest.write(args.output)
-    # A resumed run records the whole conversation again (kept lines replayed): it replaces the history
-    # entry of the run it finishes, so a Ctrl-C and a rerun leave one conversation, not two.
-    replaces = old.history if old is not None and not old.complete and not args.force else None
-    _warn_if_long(manifest, kept)
-    with open_engine(settings) as engine:
-        return _render(engine, settings, voices, manifest, kept, takes, args, replaces)
+    for work, old in zip(works, olds, strict=True):
+        _forget(old, work.manifest.lines, work.kept, work.folder)
+        work.manifest.write(work.folder)
+    _warn_if_long([line for w in works for line in w.manifest.lines[w.kept:]])
+    with open_engine(settings, min(len(works), settings.engine.max_batch)) as engine:
+        return render(engine, settings, voices, works, args)
 
 
-def _warn_if_long(manifest: Manifest, kept: int) -> None:
+def _check_parent(directory: Path, force: bool) -> None:
+    """The folder that holds several scripts' folders: not one script's own (unless ``force``)."""
+    from companion.oserrors import output_folder
+
+    if directory.is_dir() and (directory / MANIFEST).is_file() and not force:
+        raise CompanionError(f"{directory}: holds one script's rendering; several scripts are rendered into folders "
+                             "of their own inside -o DIR: choose another -o DIR, or pass --force to write into it")
+    output_folder(directory, shown=f"-o {directory}")
+
+
+def _warn_if_long(lines: list[LineEntry]) -> None:
     """One warning before work whose speech alone is estimated at over ``LONG_WORK_SECONDS``."""
     from companion.commands.progress import LONG_WORK_SECONDS, _duration
     from companion.text.segment import estimate_seconds
 
-    speech = sum(estimate_seconds(e.spoken) for e in manifest.lines[kept:] if not e.clear)
+    speech = sum(estimate_seconds(e.spoken) for e in lines if not e.clear)
     if speech > LONG_WORK_SECONDS:
         print(f"warning: these lines are about {_duration(speech)} of speech and take a while to render; "
               "Ctrl-C stops it, and the same command later renders the rest", file=sys.stderr)
@@ -209,89 +240,3 @@ def _forget(old: Manifest | None, plan: list[LineEntry], kept: int, folder: Path
 
 def _inside(folder: Path, name: str) -> bool:
     return (folder / name).resolve().parent in (folder.resolve(), (folder / TAKES).resolve())
-
-
-def _render(engine: Engine, settings: Settings, voices: VoiceStore, manifest: Manifest, kept: int,
-            takes: list[list[Take]], args: argparse.Namespace, replaces: int | None = None) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from companion.session import Session
-    from companion.session.replay import Takes
-    from companion.store import Store
-
-    store = None if args.no_history else Store()
-    recorder = Takes(engine)
-    session = Session(cast("Engine", recorder), settings, store, voices)
-    if settings.voice:
-        session.use_voice(settings.voice)  # an unknown voice fails before any work
-    console = Console(file=sys.stderr)
-    todo = [e for e in manifest.lines[kept:] if not e.clear]
-    if kept:
-        console.print(f"skipped {kept} lines already rendered in {args.output} (their recorded takes are replayed)")
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    try:
-        with Progress(*columns, console=console, transient=False) as progress:
-            task = progress.add_task("rendering", total=len(todo))
-            number = 0
-            for i, entry in enumerate(manifest.lines):
-                if entry.clear:
-                    session.clear()
-                    entry.done = True
-                    continue
-                number += 1
-                if i < kept:
-                    recorder.replay(takes[i])
-                    list(session.speak(entry.text))
-                else:
-                    _render_line(session, recorder, entry, args.output, number)
-                if store is not None and session.session_id is not None and manifest.history != session.session_id:
-                    manifest.history = session.session_id
-                    if replaces is not None:  # the new entry holds every line the old one had, from the first on
-                        store.delete_session(replaces)
-                        replaces = None
-                if i >= kept:
-                    manifest.write(args.output)  # after the line's files: the manifest never claims a missing file
-                    progress.advance(task)
-        _write(args.output / CONVERSATION, session.conversation_audio(), engine.sample_rate)
-        manifest.complete = True
-        manifest.write(args.output)
-    except KeyboardInterrupt:
-        done = sum(1 for e in manifest.lines if e.done and not e.clear)
-        total = sum(1 for e in manifest.lines if not e.clear)
-        print(f"interrupted: {done} of {total} lines are rendered ({args.output / MANIFEST} says which); "
-              "run the same command again to render the rest", file=sys.stderr)
-        return 130
-    finally:
-        if store is not None:
-            store.close()
-        session.close()
-    seconds = session.log.seconds
-    where = f"; history conversation {session.session_id}" if session.session_id is not None else ""
-    skipped = f" (skipped {kept} already rendered)" if kept else ""
-    print(f"wrote {len(todo)} lines{skipped} and {CONVERSATION} ({seconds:.1f} s) to {args.output}{where}")
-    return 0
-
-
-def _render_line(session: Session, recorder: Takes, entry: LineEntry, directory: Path, number: int) -> None:
-    """Speak one script line; write its audio as NNN-VOICE.wav and its take; fill in its entry."""
-    from companion.session.manifest import write_take
-
-    recorder.recorded = []
-    chunks = list(session.speak(entry.text))
-    audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
-    voice = "+".join(session.reply_voices) or "none"
-    name = f"{number:03d}-{voice}.wav"
-    _write(directory / name, audio, session.engine.sample_rate)
-    take = f"{TAKES}/{number:03d}.safetensors"
-    write_take(directory / take, recorder.recorded)
-    first = session.context.voices.get(session.reply_voices[0]) if session.reply_voices else None
-    entry.done, entry.file, entry.voice, entry.take = True, name, voice, take
-    entry.seconds = round(len(audio) / session.engine.sample_rate, 3)
-    entry.seed = session.options(first).seed if first is not None else session.settings.generation.seed
-
-
-def _write(path: Path, audio: np.ndarray, sample_rate: int) -> None:
-    from companion.audio.io import write_wav
-
-    write_wav(path, audio, sample_rate)

@@ -1,5 +1,5 @@
 """Progress of a long `say`: a bar on a terminal, a line per finished part elsewhere, and one warning
-when the work ahead is long.
+when the work ahead is long; and the one bar of a batch (``work_bar``).
 
 A part is one generation (a segment of the text). The session records each finished (or stopped)
 segment in ``session.stats``; a new record between two chunks is the boundary between two parts, so
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -108,3 +109,15 @@ class SayProgress:
 
     def _line(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
+
+
+@contextmanager
+def work_bar(description: str, total: int, console: Any) -> Iterator[Callable[[], None]]:
+    """One bar on ``console`` for ``total`` pieces of work (the lines of a batch, all its scripts together);
+    yields ``advance()``, which any thread may call when it finishes a piece."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=False) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda: progress.advance(task)  # rich's Progress takes its own lock

@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", metavar="ADDRESS", help="address to listen on (default: serve.host, 127.0.0.1)")
     parser.add_argument("--port", type=int, metavar="N", help="port to listen on (default: serve.port, 8000; 0: any free port)")
     parser.add_argument("--queue-size", type=int, metavar="N",
-                        help="requests that may wait behind the one being spoken before clients get 429 (default: serve.queue_size)")
+                        help="requests that may wait while engine.max_batch others are spoken, before clients get 429 "
+                             "(default: serve.queue_size)")
     parser.add_argument("--no-watermark", action="store_true", help="do not mark the audio as AI-generated")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
                         help="how much the server logs (default info)")
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     keys = KeyStore()
     api_key = _api_key(settings, host, keys)
-    check_memory(settings)  # a context the memory cannot hold fails now, before the model loads
+    check_memory(settings, settings.engine.max_batch)  # what the memory cannot hold fails now, before loading
     try:
         import uvicorn
 

@@ -1,8 +1,8 @@
 """The ASGI app of `companion serve`: OpenAI's speech endpoint over the session, with conversation memory.
 
 The model loads once, in a thread the lifespan handler starts (``/health`` says "loading" until it is
-ready). Every speech request becomes a job in the speech worker's bounded FIFO; its audio streams back
-as the engine generates it. Auth is one dependency; every error goes through one handler that writes
+ready). Every speech request becomes a job in the speech worker's bounded FIFO (up to engine.max_batch
+of them are spoken together); its audio streams back as the engine generates it. Auth is one dependency; every error goes through one handler that writes
 OpenAI's error JSON (companion/server/errors.py). See docs/serve.md.
 """
 
@@ -119,7 +119,8 @@ def create_app(settings: Settings, api_key: str | None = None, on_fatal: Callabl
     async def metrics() -> PlainTextResponse:
         w = state.worker
         refused = (state.refusals.over_cap, state.refusals.slow_headers)
-        text = state.metrics.render(w.depth if w else 0, w.generating if w else 0, state.ready.is_set(), refused)
+        text = state.metrics.render(w.depth if w else 0, w.generating if w else 0, state.ready.is_set(), refused,
+                                    state.streams())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models", dependencies=auth)
@@ -139,7 +140,7 @@ def create_app(settings: Settings, api_key: str | None = None, on_fatal: Callabl
         voice = _resolve_voice(state, voice)  # profiles are re-read only when a file changed: a few stat calls
         _check_speech(state, text)
         conversations, conversation = state.conversations, body.conversation
-        job = Job(asyncio.get_running_loop())
+        job = Job(asyncio.get_running_loop(), key=(who.namespace, conversation) if conversation is not None else None)
         job.speak = lambda cancel: conversations.speak(text, voice, conversation, cancel, who.namespace, job.all_sent)
         try:
             first = await _start(state, job, request)
@@ -156,7 +157,8 @@ def create_app(settings: Settings, api_key: str | None = None, on_fatal: Callabl
     async def describe(conversation: str, request: Request, who: Who) -> Any:
         _check_conversation(conversation)
         try:
-            found = await _act(state, request, lambda: state.conversations.describe(conversation, who.namespace))
+            found = await _act(state, request, lambda: state.conversations.describe(conversation, who.namespace),
+                               (who.namespace, conversation))
         except ClientGone:
             return Response(status_code=CLIENT_GONE)
         if found is None:
@@ -167,7 +169,8 @@ def create_app(settings: Settings, api_key: str | None = None, on_fatal: Callabl
     async def clear(conversation: str, request: Request, who: Who) -> Any:
         _check_conversation(conversation)
         try:
-            cleared = await _act(state, request, lambda: state.conversations.clear(conversation, who.namespace))
+            cleared = await _act(state, request, lambda: state.conversations.clear(conversation, who.namespace),
+                                 (who.namespace, conversation))
         except ClientGone:
             return Response(status_code=CLIENT_GONE)
         if not cleared:
@@ -295,11 +298,11 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _act(state: ServerState, request: Request, action: Callable[[], Any]) -> Any:
-    """Run ``action`` on the worker's thread (the only one that touches sessions), in queue order
-    (raises ClientGone when the client hangs up first)."""
+async def _act(state: ServerState, request: Request, action: Callable[[], Any], key: tuple[str, str]) -> Any:
+    """Run ``action`` on a speech thread (the only ones that touch sessions), in queue order after the
+    conversation ``key``'s earlier jobs (raises ClientGone when the client hangs up first)."""
     _ready(state)
-    job = Job(asyncio.get_running_loop(), action=action)
+    job = Job(asyncio.get_running_loop(), key=key, action=action)
     kind, value = await _start(state, job, request)
     if kind == "error":
         raise _generation_error(state, value)

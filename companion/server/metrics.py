@@ -65,8 +65,11 @@ class Metrics:
         with self._lock:
             getattr(self, name).observe(value)
 
-    def render(self, queue_depth: int, generating: int, ready: bool, refused: tuple[int, int] = (0, 0)) -> str:
-        """The Prometheus text; ``refused``: connections reset over the cap, and closed for slow headers."""
+    def render(self, queue_depth: int, generating: int, ready: bool, refused: tuple[int, int] = (0, 0),
+               streams: tuple[int, int] = (0, 1)) -> str:
+        """The Prometheus text; ``refused``: connections reset over the cap, and closed for slow headers;
+        ``streams``: the replies generated together now, and the most that can be (``engine.max_batch``)."""
+        active, most = streams
         with self._lock:
             lines: list[str] = []
             metric = _writer(lines)
@@ -77,8 +80,14 @@ class Metrics:
                    [f'companion_errors_total{{kind="{k}"}} {n}' for k, n in sorted(self.errors.items())])
             metric("companion_queue_depth", "gauge", "speech requests waiting for the engine",
                    [f"companion_queue_depth {queue_depth}"])
-            metric("companion_generating", "gauge", "speech requests being generated now (0 or 1)",
+            metric("companion_generating", "gauge", "requests being served now (0 to engine.max_batch)",
                    [f"companion_generating {generating}"])
+            metric("companion_streams_active", "gauge", "replies being spoken together now (one engine stream each)",
+                   [f"companion_streams_active {active}"])
+            metric("companion_streams_max", "gauge", "the most replies generated together (engine.max_batch)",
+                   [f"companion_streams_max {most}"])
+            metric("companion_batch_occupancy", "gauge", "replies generated together now / engine.max_batch (0 to 1)",
+                   [f"companion_batch_occupancy {active / max(1, most):.3f}"])
             metric("companion_generations_cancelled_total", "counter", "generations stopped before their end",
                    [f"companion_generations_cancelled_total {self.cancelled}"])
             metric("companion_client_disconnects_total", "counter", "clients that hung up before the reply ended",

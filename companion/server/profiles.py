@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import threading
 from pathlib import Path
 
 from companion.voices import VoiceProfile, VoiceStore
@@ -13,18 +14,21 @@ class WatchedVoiceStore(VoiceStore):
 
     Reading and validating every YAML file takes milliseconds; checking their size and modification
     time takes microseconds. Profiles are written atomically (a new file replaces the old), so a
-    rewrite always changes what is checked.
+    rewrite always changes what is checked. Safe from several threads (the event loop and the speech
+    threads): the profiles and the stamp they were read at change together.
     """
 
     _stamp: tuple[tuple[str, int, int], ...] | None = None
     _profiles: builtins.list[VoiceProfile] = []
+    _lock = threading.Lock()
 
     def list(self) -> builtins.list[VoiceProfile]:
-        stamp = _stamp(self.shipped_dir) + _stamp(self.user_dir)
-        if stamp != self._stamp:
-            self._profiles = super().list()
-            self._stamp = stamp
-        return builtins.list(self._profiles)
+        with self._lock:
+            stamp = _stamp(self.shipped_dir) + _stamp(self.user_dir)
+            if stamp != self._stamp:
+                self._profiles = super().list()
+                self._stamp = stamp
+            return builtins.list(self._profiles)
 
 
 def _stamp(directory: Path) -> tuple[tuple[str, int, int], ...]:

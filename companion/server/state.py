@@ -71,7 +71,8 @@ class ServerState:
         start = time.monotonic()
         try:
             self.engine = Engine.load(resolve_model_path(m.id), revision=m.revision, device=m.device, dtype=m.dtype,
-                                      max_seq_len=self.settings.context.max_seq_len)
+                                      max_seq_len=self.settings.context.max_seq_len,
+                                      max_batch=self.settings.engine.max_batch)
             self.store = Store()
             self.voices = WatchedVoiceStore()
             self.conversations = Conversations(self.engine, self.settings, self.store, self.voices, ReferenceCache())
@@ -83,9 +84,14 @@ class ServerState:
             self._fail(f"cannot load the model: {type(err).__name__}: {err}")
             return
         engine = self.engine
-        self.worker = SpeechWorker(s.queue_size, self.metrics, lambda: engine.last_stats.first_audio_ms)
+        self.worker = SpeechWorker(s.queue_size, self.metrics, lambda: engine.last_stats.first_audio_ms,
+                                   slots=self.settings.engine.max_batch)
         log.info("model %s loaded in %.1f s: ready", m.id, time.monotonic() - start)
         self.ready.set()
+
+    def streams(self) -> tuple[int, int]:
+        """(replies spoken together now, the most that can be: ``engine.max_batch``)."""
+        return (self.worker.streams if self.worker is not None else 0), self.settings.engine.max_batch
 
     def _fail(self, message: str) -> None:
         self.failure = message

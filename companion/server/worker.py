@@ -1,15 +1,28 @@
-"""One engine, many clients: a bounded FIFO of jobs and the one thread that runs them.
+"""One engine, many clients: a bounded FIFO of jobs and the speech threads that run them.
+
+    event loop: submit(job) --> [ FIFO of waiting jobs ]          (refused with 429 past ``capacity``)
+                                    |  a free thread takes the first job whose conversation is free
+                                    v
+    speech threads 1..slots (``engine.max_batch``): job.speak(cancel) -> chunks --emit--> event loop
+                                    |  each thread drives one engine stream; the engine generates
+                                    v  the streams together, frame by frame
+                                  client
 
 A job is either speech (a function that returns an iterator of audio chunks) or an action on a
-conversation (a function that returns a value). Jobs run in the order they were accepted; a job
-offered while ``capacity`` others wait is refused (the caller answers 429). The thread hands results
-to the event loop through an asyncio queue per job. Setting a job's ``cancel`` (the client hung up,
-the server stops) makes a waiting job be skipped and a running one stop at its next chunk: the same
-``threading.Event`` the session and the engine check between frames.
+conversation (a function that returns a value). The promise: the jobs of one conversation run one at
+a time, in the order they were accepted (its session is never touched by two threads); jobs of other
+conversations, and one-shot requests, run beside them, up to ``slots`` at once, and start in the
+order they were accepted whenever their conversation allows. A job offered while ``capacity`` others
+would wait is refused (the caller answers 429). Each thread hands results to the event loop through an
+asyncio queue per job. Setting a job's ``cancel`` (the client hung up, the server stops) makes a
+waiting job be skipped and a running one stop at its next chunk: the same ``threading.Event`` the
+session and the engine check between frames; the other jobs go on untouched.
 
-``engine_lock`` is held while a chunk is generated (and while a job starts: loading its voice may
-encode a reference). Holding it from outside pauses generation between two chunks: tests use that
-as a deterministic gate instead of timing.
+Two locks every speech thread passes through (it never holds them while working), so that tests
+pause the threads deterministically instead of by timing:
+``gate``, before a job starts and before each chunk it takes from the engine: holding it pauses every
+thread at its next step; ``ending``, before a job's end is announced: holding it keeps every reply
+from ending (and its place from being freed) while its audio still flows.
 """
 
 from __future__ import annotations
@@ -43,6 +56,7 @@ class Job:
     """``speak(cancel)`` -> audio chunks, or ``action()`` -> a value; results arrive in ``events``."""
 
     loop: asyncio.AbstractEventLoop
+    key: tuple[str, str] | None = None  # (namespace, conversation): its jobs run one at a time; None: one-shot
     speak: Callable[[threading.Event], Iterator[np.ndarray]] | None = None
     action: Callable[[], Any] | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -89,30 +103,38 @@ class Job:
             self.stop()
 
 
+
 class SpeechWorker:
-    def __init__(self, capacity: int, metrics: Metrics, first_audio_ms: Callable[[], float | None]) -> None:
+    def __init__(self, capacity: int, metrics: Metrics, first_audio_ms: Callable[[], float | None],
+                 slots: int = 1) -> None:
         self.capacity = capacity
+        self.slots = max(1, slots)
         self.metrics = metrics
-        self._first_audio_ms = first_audio_ms  # the engine's timing of the chunk just generated
-        self.engine_lock = threading.Lock()
+        self._first_audio_ms = first_audio_ms  # the engine's timing of the chunk just generated (this thread's)
+        self.gate = threading.Lock()
+        self.ending = threading.Lock()
         self._jobs: deque[Job] = deque()
+        self._running: list[Job] = []
+        self._busy: set[tuple[str, str]] = set()  # the conversations of the running jobs
         self._cond = threading.Condition()
         self._stopping = False
-        self.current: Job | None = None
-        self._thread = threading.Thread(target=self._run, name="companion-speech", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"companion-speech-{i + 1}", daemon=True)
+                         for i in range(self.slots)]
+        for thread in self._threads:
+            thread.start()
 
     # ---- from the event loop
 
     def submit(self, job: Job) -> None:
-        """Queue ``job``; raises QueueFull when ``capacity`` jobs already wait (CompanionError when stopping)."""
+        """Queue ``job``; raises QueueFull when it would be one more than ``capacity`` waiting jobs
+        (CompanionError when stopping)."""
         with self._cond:
             if self._stopping:
                 raise CompanionError("the server is shutting down")
-            if len(self._jobs) >= self.capacity and (self.current is not None or self._jobs):
+            if self._left_waiting([*self._jobs, job]) > self.capacity:
                 raise QueueFull()
             self._jobs.append(job)
-            self._cond.notify()
+            self._cond.notify_all()
 
     def withdraw(self, job: Job) -> None:
         """Cancel ``job``; if it still waits, it leaves the queue at once (its place is free again)."""
@@ -121,37 +143,79 @@ class SpeechWorker:
             if job in self._jobs:
                 self._jobs.remove(job)
                 job.emit("end")
+                self._cond.notify_all()
 
     @property
     def depth(self) -> int:
-        """Jobs waiting (not the one running)."""
+        """Jobs waiting (not those running)."""
         return len(self._jobs)
 
     @property
     def generating(self) -> int:
-        return int(self.current is not None)
+        """Jobs running now (0 to ``slots``)."""
+        return len(self._running)
+
+    @property
+    def streams(self) -> int:
+        """Replies being spoken now (each one stream of the engine's; at most ``slots``)."""
+        return sum(1 for job in list(self._running) if job.speak is not None)
 
     def stop(self, timeout: float | None = None) -> None:
-        """Cancel what waits and what runs, and end the thread."""
+        """Cancel what waits and what runs, and end the threads."""
         with self._cond:
             self._stopping = True
-            for job in self._jobs:
+            for job in [*self._jobs, *self._running]:
                 job.stop()
-            if self.current is not None:
-                self.current.stop()
             self._cond.notify_all()
-        self._thread.join(timeout)
+        for thread in self._threads:
+            thread.join(timeout)
 
-    # ---- the worker thread
+    # ---- scheduling (under ``_cond``)
+
+    def _startable(self, jobs: list[Job] | deque[Job], busy: set[tuple[str, str]], free: int) -> list[Job]:
+        """Of ``jobs`` (in order), those that free threads would take now: at most ``free``, each of a
+        conversation not busy and not taken by an earlier one."""
+        taken: list[Job] = []
+        busy = set(busy)
+        for job in jobs:
+            if len(taken) >= free:
+                break
+            if job.key is None or job.key not in busy:
+                taken.append(job)
+                if job.key is not None:
+                    busy.add(job.key)
+        return taken
+
+    def _left_waiting(self, jobs: list[Job]) -> int:
+        return len(jobs) - len(self._startable(jobs, self._busy, self.slots - len(self._running)))
 
     def _next(self) -> Job | None:
         with self._cond:
-            while not self._jobs and not self._stopping:
+            while True:
+                ready = self._startable(self._jobs, self._busy, 1)
+                if ready:
+                    job = ready[0]
+                    self._jobs.remove(job)
+                    self._running.append(job)
+                    if job.key is not None:
+                        self._busy.add(job.key)
+                    return job
+                if self._stopping and not self._jobs:
+                    return None
                 self._cond.wait()
-            if not self._jobs:
-                return None
-            self.current = self._jobs.popleft()
-            return self.current
+
+    def _finished(self, job: Job) -> None:
+        with self._cond:
+            self._running.remove(job)
+            if job.key is not None:
+                self._busy.discard(job.key)
+            self._cond.notify_all()  # a job of this conversation may start now
+
+    # ---- the speech threads
+
+    def _pass_gate(self, gate: threading.Lock | None = None) -> None:
+        with gate or self.gate:
+            pass
 
     def _run(self) -> None:
         while (job := self._next()) is not None:
@@ -159,8 +223,8 @@ class SpeechWorker:
                 if job.cancel.is_set():  # the client left (or the server stops) while it waited
                     job.emit("error", CompanionError("cancelled before it started"))
                 elif job.action is not None:
-                    with self.engine_lock:
-                        job.emit("result", job.action())
+                    self._pass_gate()
+                    job.emit("result", job.action())
                 else:
                     self._speak(job)
             except Exception as err:  # noqa: BLE001 - reported to the client; the worker keeps serving
@@ -168,33 +232,32 @@ class SpeechWorker:
                     log.error("speech generation failed: %s: %s", type(err).__name__, err)
                 job.emit("error", err)
             finally:
-                with self._cond:
-                    self.current = None  # before "end": a client that has its whole reply sees the engine free
+                self._pass_gate(self.ending)
+                self._finished(job)  # before "end": a client that has its whole reply sees its place free
                 job.emit("end")
 
     def _speak(self, job: Job) -> None:
         assert job.speak is not None
         start, samples, chunks = time.perf_counter(), 0, None
+        self._pass_gate()
         try:
-            with self.engine_lock:
-                chunks = job.speak(job.cancel)
+            chunks = job.speak(job.cancel)
             while True:
-                with self.engine_lock:
-                    if job.cancel.is_set():
-                        break
-                    chunk = next(chunks, None)
-                    if chunk is not None and samples == 0:
-                        job.engine_first_audio_ms = self._first_audio_ms()
+                self._pass_gate()
+                if job.cancel.is_set():
+                    break
+                chunk = next(chunks, None)
                 if chunk is None:
                     break
+                if samples == 0:
+                    job.engine_first_audio_ms = self._first_audio_ms()
                 samples += len(chunk)
                 self.metrics.add("chunks")
                 job.emitted += 1
                 job.emit("audio", chunk)
         finally:
             if chunks is not None and hasattr(chunks, "close"):
-                with self.engine_lock:
-                    chunks.close()  # a generator stopped early: the session puts back what it pruned
+                chunks.close()  # a generator stopped early: the session puts back what it pruned
         if job.cancel.is_set():
             self.metrics.add("cancelled")
             log.info("generation stopped after %.1f s of audio (the client hung up)", samples / SAMPLE_RATE)

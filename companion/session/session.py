@@ -13,7 +13,9 @@ A voice without reference audio gets one: its first segment is generated with no
 seed, pinned as its reference, and saved with its profile (WAV + transcript, and the exact codes in
 the reference cache) so later turns and later sessions keep that voice.
 
-Not thread-safe: drive a session from one thread (cancel it from another with the Event).
+Not thread-safe: drive a session from one thread (cancel it from another with the Event). Sessions
+on other threads may share the engine (up to its ``max_batch`` streams), the store, the voice store
+and the reference cache (whose ``making()`` lock keeps a voice's reference made and saved once).
 """
 
 from __future__ import annotations
@@ -305,9 +307,11 @@ class Session:
     def _save_reference(self, voice: Voice, text: str, codes: torch.Tensor, audio: np.ndarray) -> None:
         """Write the reference WAV + transcript into the profile, and its exact codes into the cache
         under the key the next ``load_voice`` computes, so the next session pins the same codes."""
-        profile = self.voice_store.attach_reference(voice.profile, audio, text)
-        key = self.cache.key(profile.audio_paths(), self.settings.reference, self.engine.model_key, self.engine.codec_key)
-        self.cache.put(key, codes, {"voice": voice.name, "model": self.engine.model_key, "source": "generated"})
+        with self.cache.making():  # another session may make this voice's reference at the same time
+            profile = self.voice_store.attach_reference(voice.profile, audio, text)
+            key = self.cache.key(profile.audio_paths(), self.settings.reference, self.engine.model_key,
+                                 self.engine.codec_key)
+            self.cache.put(key, codes, {"voice": voice.name, "model": self.engine.model_key, "source": "generated"})
         voice.profile = profile
 
     def _session_id(self) -> int:
