@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import socket
 import threading
 import time
 from pathlib import Path
@@ -88,3 +89,12 @@ def pcm_samples(data: bytes) -> np.ndarray:
 
 # Three sentences: three segments of up to 2 s (the tiny model never ends one early), about 15 chunks.
 LONG_INPUT = "The morning was quiet. Birds sang in the old oak tree. A cat watched them from the wall."
+
+
+def read_all(raw: socket.socket, into: list[bytes]) -> None:
+    """Read a raw connection until it closes (a client that listens), appending what arrives to ``into``."""
+    try:
+        while data := raw.recv(65536):
+            into.append(data)
+    except OSError:
+        pass

@@ -39,11 +39,12 @@ def setup(data_dir: Path) -> None:
     _setup(data_dir)
 
 
-def _setup(data_dir: Path) -> None:
+def _setup(data_dir: Path, more_config: str = "") -> None:
+    """Two voices, short segments, a small context, no watermark (and ``more_config``, YAML)."""
     paths = get_paths()
     paths.config_dir.mkdir(parents=True, exist_ok=True)
     paths.config_file.write_text("generation:\n  max_segment_seconds: 1.2\ncontext:\n  max_seq_len: 1536\n"
-                                 "watermark:\n  enabled: false\n")
+                                 "watermark:\n  enabled: false\n" + more_config)
     voices = VoiceStore()
     for name, audio in (("guest", "guest.mp3"), ("guest16", "guest_16k.wav")):
         voices.add(VoiceProfile(name=name, audio=[str(data_dir / audio)], transcript_file=str(data_dir / "guest.txt")))

@@ -19,11 +19,10 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile as sf
+from test_batch import _setup as batch_setup
 
 from companion.cli import main
-from companion.paths import get_paths
 from companion.store import Store
-from companion.voices import VoiceProfile, VoiceStore
 
 # Streams generated together match streams generated alone to 1e-4 (float32 rounding of the batched
 # matrix products), plus one step of the 16-bit WAV.
@@ -37,13 +36,7 @@ CHAPTER_TWO = "guest16: It was late.\n$CLEAR$\nThe rain stopped.\nYes. || No.\n"
 @pytest.fixture
 def setup(data_dir: Path) -> None:
     """Two voices, short segments, a small context, and two replies generated together."""
-    paths = get_paths()
-    paths.config_dir.mkdir(parents=True, exist_ok=True)
-    paths.config_file.write_text("generation:\n  max_segment_seconds: 1.2\ncontext:\n  max_seq_len: 1536\n"
-                                 "watermark:\n  enabled: false\nengine:\n  max_batch: 2\n")
-    voices = VoiceStore()
-    for name, audio in (("guest", "guest.mp3"), ("guest16", "guest_16k.wav")):
-        voices.add(VoiceProfile(name=name, audio=[str(data_dir / audio)], transcript_file=str(data_dir / "guest.txt")))
+    batch_setup(data_dir, "engine:\n  max_batch: 2\n")
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from serve_helpers import LiveServer, pcm_samples, serve_settings, wait_for
+from serve_helpers import LiveServer, pcm_samples, read_all, serve_settings, wait_for
 
 from companion.paths import get_paths
 from companion.server.keys import KeyStore
@@ -169,7 +169,7 @@ def test_a_hang_up_in_segment_two_keeps_segment_one_only(server: LiveServer) -> 
     with socket.create_connection(("127.0.0.1", server.port)) as raw:
         raw.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        reader = threading.Thread(target=lambda: _read_all(raw, received), daemon=True)  # a client that listens
+        reader = threading.Thread(target=lambda: read_all(raw, received), daemon=True)  # a client that listens
         reader.start()
         wait_for(lambda: _kept("cut") == 1, "segment 1 to be sent and kept")
         # The worker's call that kept segment 1 went on to produce segment 2's first chunk: it is mid-segment.
@@ -184,14 +184,6 @@ def test_a_hang_up_in_segment_two_keeps_segment_one_only(server: LiveServer) -> 
     assert _turns(server, None, "cut") == ["First line here."]
     assert _kept("cut") == 1
     assert len(b"".join(received)) > 0
-
-
-def _read_all(raw: socket.socket, into: list[bytes]) -> None:
-    try:
-        while data := raw.recv(65536):
-            into.append(data)
-    except OSError:
-        pass
 
 
 def test_a_segment_generated_but_not_sent_is_not_kept(server: LiveServer) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import openai
 import pytest
-from serve_helpers import LONG_INPUT, LiveServer, pcm_samples, serve_settings, wait_for
+from serve_helpers import LONG_INPUT, LiveServer, pcm_samples, read_all, serve_settings, wait_for
 
 from companion.paths import get_paths
 from companion.store import Store
@@ -141,14 +141,6 @@ def _kept(conversation: str) -> int:
         return 0 if sid is None else len([t for t in store.turns(sid) if t.kind == "turn"])
 
 
-def _read_all(raw: socket.socket, into: list[bytes]) -> None:
-    try:
-        while data := raw.recv(65536):
-            into.append(data)
-    except OSError:
-        pass
-
-
 def test_a_listener_hanging_up_mid_reply_leaves_the_other_three_untouched(four: LiveServer) -> None:
     """Three listeners stream while a fourth, in a conversation, hangs up in its reply's second sentence:
     the three hear exactly what they hear alone, and the conversation keeps the first sentence only."""
@@ -169,7 +161,7 @@ def test_a_listener_hanging_up_mid_reply_leaves_the_other_three_untouched(four: 
     with socket.create_connection(("127.0.0.1", four.port)) as raw:
         raw.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        threading.Thread(target=_read_all, args=(raw, received), daemon=True).start()
+        threading.Thread(target=read_all, args=(raw, received), daemon=True).start()
         for t in threads:
             t.start()
         wait_for(lambda: _kept("cut") == 1, "the first sentence to be sent and kept")
