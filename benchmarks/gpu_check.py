@@ -27,10 +27,11 @@ and the JSON file is rewritten after every section, so a run cut short keeps wha
 6. ``bench``: ``companion bench``'s numbers (RTF, ms per frame, first audio with a cold and a cached
    2-minute reference, prefill, the transformers baseline and the memory floor) with graphs on.
 7. ``streams``: several streams through one frame loop (an engine of ``max_batch`` 8 on the same
-   weights, graphs per batch size, each self-checked at its first use): a stream beside three others
-   against the same stream alone (greedy codes: equal frames; cuBLAS may pick other kernels for other
-   batch sizes, so bf16 low bits may differ), then ``companion bench --streams 1,2,4,8``'s numbers
-   (aggregate frames/s, ms per frame and RTF of each stream, speed-up over one stream).
+   weights: every frame at 8 rows, one graph unit per kind of sampling, self-checked at its first
+   use): a stream beside three others against the same stream alone in that engine (greedy codes:
+   every frame equal, in any dtype, since every frame has the same shape), then ``companion bench
+   --streams 1,2,4,8``'s numbers (each count in an engine of its size, 1 the one-stream engine:
+   aggregate frames/s, ms per frame and RTF of each stream, speed-up over one stream).
 
 ``--dry-run`` runs it all on the tiny checkpoint on CPU with graphs replaced by the eager replay the
 CPU tests use (``Capture``), to prove the script itself works where there is no GPU.

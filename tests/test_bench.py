@@ -133,22 +133,28 @@ def test_the_engine_and_the_baseline_are_measured_in_interleaved_pairs(tiny_engi
 
 
 def test_streams_are_measured_in_rounds_and_each_count_against_one_of_its_round(tiny_model_dir) -> None:
-    """--streams: every count once per round (1, 2, 4, 1, 2, 4, ...); each count's speed-up over one
-    stream is the median of its rounds' ratios; every stream makes all its frames."""
+    """--streams: every count once per round (1, 2, 4, 1, 2, 4, ...), each in an engine of its size (one:
+    the one-stream engine); each count's speed-up over one stream is the median of its rounds' ratios;
+    every stream makes all its frames."""
     from companion.engine import Engine, bench, bench_streams
 
     engine = Engine.load(str(tiny_model_dir), device="cpu", dtype="float32", max_seq_len=512, max_batch=4)
-    calls: list[int] = []
+    calls: list[tuple[int, int]] = []  # (streams, the max_batch of the engine they ran on)
+    given: list[bool] = []
     real = bench_streams.run_streams
 
-    def run_streams(engine, n, *args, **kwargs):
-        calls.append(n)
-        return real(engine, n, *args, **kwargs)
+    def run_streams(run_on, n, *args, **kwargs):
+        calls.append((n, run_on.max_batch))
+        given.append(run_on is engine)
+        assert run_on.model is engine.model  # the same weights
+        return real(run_on, n, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(bench_streams, "run_streams", run_streams)
         out = bench_streams.streams_section(engine, [1, 2, 4], bench.BenchOptions(frames=3, repeats=2), lambda t: None)
-    assert calls == [4] + [1, 2, 4] * 2  # the warm-up fills every slot, then two rounds
+    # Each count on an engine of its own size (four: the one given): a warm-up each, then two rounds.
+    assert calls == [(1, 1), (2, 2), (4, 4)] * 3
+    assert given == [False, False, True] * 3
     rows = {row["streams"]: row for row in out["streams"]}
     assert sorted(rows) == [1, 2, 4] and out["frames"] == 3
     for n, row in rows.items():

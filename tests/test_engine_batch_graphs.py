@@ -1,9 +1,10 @@
-"""Replayed frames for several streams (one unit per batch size), driven on CPU through the ``Capture`` seam.
+"""Replayed frames for several streams (one unit of ``max_batch`` rows per kind of sampling), driven on
+CPU through the ``Capture`` seam.
 
 Streams with nothing in common run one after another so that each lands in a known slot (a stream that
 shares no prefix with any slot's record takes an empty slot rather than overwrite another's record):
-slot 0 runs at batch size 1, slot 1 at 2 (slot 0 is padding), slots 2 and 3 at 4. The engine with a
-capture must give exactly the codes of the same engine without one.
+every frame runs at four rows, the slots nobody uses being padding. The engine with a capture must give
+exactly the codes of the same engine without one.
 """
 
 from __future__ import annotations
@@ -66,48 +67,44 @@ class FrozenSizes(FrozenCapture, SizeRecorder):
 
 
 @pytest.mark.parametrize("options", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
-def test_a_unit_per_batch_size_with_padding_gives_the_codes_without_graphs(tiny_engine, reference, options) -> None:
+def test_one_unit_of_four_rows_with_padding_gives_the_codes_without_graphs(tiny_engine, reference, options) -> None:
     capture = FrozenSizes()
     graphed, eager = engine_with(tiny_engine, capture), engine_with(tiny_engine, None)
     got, expected = one_by_one(graphed, reference, options), one_by_one(eager, reference, options)
     assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
-    assert capture.sizes == [1, 2, 4]  # one unit per size, captured at its first use, reused after
+    assert capture.sizes == [4]  # one unit, captured at its first use, reused by every slot after
     assert all(capture.prefix_intact) and capture.off is None
-    assert graphed.graphs is not None and set(graphed.graphs.checked) == {(1, options.temperature == 0),
-                                                                          (2, options.temperature == 0),
-                                                                          (4, options.temperature == 0)}  # fmt: skip
+    assert graphed.graphs is not None and set(graphed.graphs.checked) == {(4, options.temperature == 0)}
 
 
-class CorruptSize(CorruptingCapture):
-    """Only the units of ``size`` streams have the bug."""
-
-    def __init__(self, size: int, raising: bool = False) -> None:
-        super().__init__(raising=raising)
-        self.size = size
+class CorruptSampled(CorruptingCapture):
+    """Only the sampling unit has the bug; the greedy one is right."""
 
     def record(self, unit: GraphedFrame) -> Callable[[], None]:
-        if unit.batch != self.size:
+        if getattr(unit.sampler, "greedy", False):
             return Recorder.record(self, unit)
         return super().record(unit)
 
 
 @pytest.mark.parametrize("raising", [False, True], ids=["differs", "raises"])
-def test_each_batch_size_is_self_checked_and_a_bad_one_turns_graphs_off(tiny_engine, reference, raising,
-                                                                       caplog) -> None:  # fmt: skip
-    capture = CorruptSize(4, raising=raising)
+def test_each_unit_is_self_checked_and_a_bad_one_turns_graphs_off(tiny_engine, reference, raising,
+                                                                 caplog) -> None:  # fmt: skip
+    capture = CorruptSampled(raising=raising)
     graphed, eager = engine_with(tiny_engine, capture), engine_with(tiny_engine, None)
     with caplog.at_level(logging.WARNING, logger="companion.engine.cuda_graphs"):
+        assert all(torch.equal(g, e) for g, e in zip(one_by_one(graphed, reference, GREEDY),
+                                                     one_by_one(eager, reference, GREEDY), strict=True))  # fmt: skip
+        assert capture.off is None  # the greedy unit passed its check
         got = one_by_one(graphed, reference, SAMPLED)
     assert all(torch.equal(g, e) for g, e in zip(got, one_by_one(eager, reference, SAMPLED), strict=True))
     assert capture.off is not None and "4 streams" in capture.off
-    assert graphed.graphs is not None and set(graphed.graphs.checked) == {(1, False), (2, False)}
+    assert graphed.graphs is not None and set(graphed.graphs.checked) == {(4, True)}
     assert len([r for r in caplog.records if "turned off" in r.getMessage()]) == 1
 
 
 def test_a_replay_that_fails_mid_turn_goes_on_eagerly_with_the_same_noise(tiny_engine, reference, caplog) -> None:
-    # Replays: 3 in slot 0's self-check, 8 frames; then slot 1's unit (size 2): 3 in its self-check, and
-    # its turn's replays fail from its 4th frame.
-    capture = LateFailingCapture(fail_at=3 + 8 + 3 + 4)
+    # Replays: 3 in the unit's self-check, slot 0's 8 frames; then slot 1's replays fail from its 4th frame.
+    capture = LateFailingCapture(fail_at=3 + 8 + 4)
     graphed, eager = engine_with(tiny_engine, capture), engine_with(tiny_engine, None)
     with caplog.at_level(logging.WARNING, logger="companion.engine.cuda_graphs"):
         got = one_by_one(graphed, reference, SAMPLED)

@@ -8,17 +8,21 @@ and its own Mimi decoder. Per iteration the frame thread:
 1. lets go of the streams that left (closed, cancelled, failed): their slots are free at once;
 2. prefills one chunk of the first joining stream (the whole prompt when no stream is generating);
    a stream whose prompt is in joins the generating ones at this frame boundary;
-3. generates one frame for every generating stream at once: rows 0..B-1 of the caches, where B is the
-   smallest batch size (1, 2, 4, 8, ..., ``max_batch``) that covers the highest slot in use; slots
-   in between that generate nothing are padding (their rows are computed and thrown away, nothing of
-   them is written or recorded). The weights are read once for all rows.
+3. generates one frame for every generating stream at once: rows 0..``max_batch``-1 of the caches,
+   always all of them; slots that generate nothing are padding (their rows are computed and thrown
+   away, nothing of them is written or recorded). The weights are read once for all rows.
 
 Frames go to each stream's queue; its consumer decodes them into audio chunks. A stream's own end
-frame, its ``max_frames``, its cancel, or its consumer leaving ends only that stream. Each row is
-computed from its own inputs only (every operation is row by row, attention over each slot's own
-prefix), so another stream joining, leaving or failing never changes a stream's codes at the same
-batch size. Across batch sizes the float32 matrix products of CPU BLAS round differently (see
-docs/engine.md): codes then agree to within that rounding.
+frame, its ``max_frames``, its cancel, or its consumer leaving ends only that stream.
+
+Why every frame has the same number of rows: a device picks its matrix-product kernel by the number
+of rows (a matrix-vector kernel for one row and blocked ones for more in CPU BLAS; AMX tiles for bf16
+on some CPUs; whatever cuBLAS chooses on a GPU), and two kernels may round the same row differently.
+At one fixed shape every row is computed by the same kernels from its own inputs only (every other
+operation is row by row, attention over each slot's own prefix), so another stream joining, leaving,
+failing or being cancelled never changes a stream's codes, on any device and in any dtype. Padding
+costs little where a frame is bound by reading the weights or by launches (GPUs, CPUs with bf16
+matrix units); docs/engine.md has the figures.
 
 A new stream takes the free slot where it loses the fewest positions: those of its prompt the slot does
 not hold, plus those of the slot's record it would overwrite. A conversation that comes back so finds
@@ -45,15 +49,6 @@ from companion.engine.types import GenerationOptions
 
 if TYPE_CHECKING:
     from companion.engine.engine import Engine
-
-
-def batch_sizes(max_batch: int) -> list[int]:
-    """1, 2, 4, ... below ``max_batch``, then ``max_batch``: the sizes a frame of several streams runs at."""
-    sizes, size = [], 1
-    while size < max_batch:
-        sizes.append(size)
-        size *= 2
-    return [*sizes, max_batch]
 
 
 @dataclass(eq=False)
@@ -84,7 +79,6 @@ class Batcher:
         self.engine = engine
         self.loop = engine.loop
         self.max_batch = engine.max_batch
-        self.sizes = batch_sizes(self.max_batch)
         self._cond = threading.Condition()
         self._streams: list[Stream] = []  # joining or generating, in the order they opened
         self._thread: threading.Thread | None = None
@@ -219,7 +213,7 @@ class Batcher:
     def _frame(self, streams: list[Stream]) -> None:
         """One frame for every generating stream at once."""
         loop = self.loop
-        size = next(n for n in self.sizes if n > max(s.slot for s in streams))
+        size = self.max_batch  # one shape for every frame: see the module's doc
         by_slot: list[Stream | None] = [None] * size
         for s in streams:
             by_slot[s.slot] = s

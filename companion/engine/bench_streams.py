@@ -1,8 +1,10 @@
 """``companion bench --streams 1,2,4,8``: how many frames per second several streams at once make.
 
-One engine with ``max_batch`` = the largest count. For each count N, N streams (each its own thread,
-as ``companion serve`` runs its listeners) speak a different short turn after the same 10 s reference
-(cached in every slot by a warm-up), each for ``frames`` frames, with Mimi decode, as users hear them.
+For each count N, an engine of ``max_batch`` N on the same weights (N = 1: the one-stream engine, the
+baseline), and N streams (each its own thread, as ``companion serve`` runs its listeners) speaking a
+different short turn after the same 10 s reference (cached in every slot by a warm-up), each for
+``frames`` frames, with Mimi decode, as users hear them. (An engine of N runs every frame at N rows,
+so N streams are measured in an engine of N, as a server set to ``max_batch`` N serves N listeners.)
 The counts are measured in rounds (1, 2, 4, 8, 1, 2, 4, 8, ...), so load that comes and goes on a
 busy machine hits every count alike; each round's N-stream aggregate over its 1-stream aggregate is a
 pair, and the speed-up reported is the median of the pairs.
@@ -64,17 +66,18 @@ def run_streams(engine: Engine, n: int, frames: int, options: GenerationOptions,
 
 def streams_section(engine: Engine, counts: list[int], opts: BenchOptions,
                     log: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
-    """Every count measured ``opts.repeats`` times in rounds; see the module doc."""
-    if engine.max_batch < max(counts):
-        raise ValueError(f"the engine takes {engine.max_batch} streams at once, fewer than {max(counts)}")
+    """Every count measured ``opts.repeats`` times in rounds, each on an engine of its own size made on
+    ``engine``'s weights and capture (``engine`` itself for its own size); see the module doc."""
+    engines = {n: engine if engine.max_batch == n else engine.sibling(n) for n in counts}
     ref = reference(engine, REF_SHORT_FRAMES)
     options = GenerationOptions(opts.temperature, opts.topk)
     log("streams: warm-up (every slot reads the reference once)")
-    run_streams(engine, max(counts), 2, options, ref)
+    for n in counts:
+        run_streams(engines[n], n, 2, options, ref)
     seconds: dict[int, list[float]] = {n: [] for n in counts}
     for r in range(opts.repeats):
         for n in counts:
-            seconds[n].append(run_streams(engine, n, opts.frames, options, ref))
+            seconds[n].append(run_streams(engines[n], n, opts.frames, options, ref))
             log(f"streams: round {r + 1} of {opts.repeats}: {n} at once, {n * opts.frames / seconds[n][-1]:.2f} frames/s")
     rows = []
     for n in counts:

@@ -81,6 +81,13 @@ class Engine:
         self._live: str | None = None  # the stream being generated (its text), None between streams
         self.batcher = Batcher(self) if max_batch > 1 else None
 
+    def sibling(self, max_batch: int) -> Engine:
+        """Another engine on the same weights (and the same way of recording frames), taking ``max_batch``
+        streams at once: its own caches, prefix records and graphs."""
+        capture = self.graphs.capture if self.graphs is not None else None
+        return Engine(self.model, self.processor, self.model_key, self.max_seq_len, capture=capture,
+                      max_batch=max_batch)  # fmt: skip
+
     @property
     def last_stats(self) -> EngineStats:
         """Timings of the last stream started from the calling thread."""
