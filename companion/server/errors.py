@@ -86,6 +86,8 @@ def _validation(err: RequestValidationError) -> APIError:
     if not loc and kind in ("model_attributes_type", "dict_type"):
         return APIError(400, "the request body must be a JSON object")
     param = loc[0] if loc else None
+    if kind == "missing" and param is None:  # no body at all
+        return APIError(400, "the request body is empty: send a JSON object", code="missing_body")
     if kind == "missing":
         return APIError(400, f"'{param}' is required", param=param, code="missing_parameter")
     message = str(first.get("msg", "invalid value"))

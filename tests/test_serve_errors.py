@@ -1,0 +1,134 @@
+"""Every error the server answers is OpenAI's JSON shape with the right type: the handlers on a small app.
+
+The app has one route with a typed body (as /v1/audio/speech has), one that raises the server's own
+APIError, and two methods on one path; each kind of bad request is sent through FastAPI's test client.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from pydantic import BaseModel, ConfigDict
+
+from companion.server.errors import APIError, error_body, install_handlers
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    input: str
+    speed: float = 1.0
+    format: Literal["wav", "mp3"] = "wav"
+
+
+def make_app() -> FastAPI:
+    app = FastAPI()
+    install_handlers(app)
+
+    @app.post("/speak")
+    def speak(body: Body) -> dict:
+        return {"ok": body.input}
+
+    @app.get("/busy")
+    def busy() -> dict:
+        raise APIError(503, "the engine is busy:\nretry soon ", param="input", code="busy",
+                       headers={"Retry-After": "2"})  # fmt: skip
+
+    @app.get("/both")
+    def both_get() -> dict:
+        return {}
+
+    @app.delete("/both")
+    def both_delete() -> dict:
+        return {}
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def client() -> TestClient:
+    return TestClient(make_app(), raise_server_exceptions=False)
+
+
+def error_of(response) -> dict:  # noqa: ANN001
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert "\n" not in body["error"]["message"]
+    return body["error"]
+
+
+def test_the_servers_own_error_keeps_status_param_code_headers_and_is_one_line(client: TestClient) -> None:
+    r = client.get("/busy")
+    assert r.status_code == 503 and r.headers["retry-after"] == "2"
+    assert error_of(r) == {"message": "the engine is busy: retry soon", "type": "server_error", "param": "input",
+                           "code": "busy"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code", "words"),
+    [
+        ({}, "input", "missing_parameter", "'input' is required"),
+        ({"input": "hi", "speed": "fast"}, "speed", "invalid_value", "'speed': "),
+        ({"input": "hi", "format": "flac"}, "format", "invalid_value", "'format': "),
+        ({"input": ["a", "b"]}, "input", "invalid_value", "'input': "),
+        ({"input": "hi", "voice_id": 3}, "voice_id", "invalid_value", "'voice_id': "),
+    ],
+    ids=["missing", "wrong kind", "not one of", "a list for a string", "unknown field"],
+)
+def test_each_kind_of_bad_field_is_a_400_naming_it(client: TestClient, body, param, code, words) -> None:  # noqa: ANN001
+    r = client.post("/speak", json=body)
+    assert r.status_code == 400
+    error = error_of(r)
+    assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error")
+    assert error["message"].startswith(words)
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b'{"input": "hi",}', b'{"input": "h'])
+def test_a_body_that_is_not_json_is_a_400_saying_so(client: TestClient, raw: bytes) -> None:
+    r = client.post("/speak", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert error_of(r) == {"message": "the request body is not valid JSON: send a JSON object",
+                           "type": "invalid_request_error", "param": None, "code": "invalid_json"}  # fmt: skip
+
+
+def test_an_empty_body_is_a_400_asking_for_a_json_object(client: TestClient) -> None:
+    r = client.post("/speak", content=b"", headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert error_of(r) == {"message": "the request body is empty: send a JSON object",
+                           "type": "invalid_request_error", "param": None, "code": "missing_body"}  # fmt: skip
+
+
+@pytest.mark.parametrize("raw", [b"[1, 2]", b'"text"', b"42"])
+def test_json_that_is_not_an_object_is_a_400_asking_for_one(client: TestClient, raw: bytes) -> None:
+    r = client.post("/speak", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert error_of(r) == {"message": "the request body must be a JSON object", "type": "invalid_request_error",
+                           "param": None, "code": None}  # fmt: skip
+
+
+def test_an_unknown_path_is_a_404_naming_method_and_path(client: TestClient) -> None:
+    r = client.get("/v1/nothing/here")
+    assert r.status_code == 404
+    assert error_of(r) == {"message": "no such endpoint: GET /v1/nothing/here", "type": "not_found_error",
+                           "param": None, "code": None}  # fmt: skip
+
+
+def test_a_wrong_method_is_a_405_listing_every_method_the_path_takes(client: TestClient) -> None:
+    r = client.post("/both", json={})
+    assert r.status_code == 405
+    assert r.headers["allow"] == "DELETE, GET"
+    error = error_of(r)
+    assert error["message"] == "POST is not allowed on /both: use DELETE, GET"
+    assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [(400, "invalid_request_error"), (401, "authentication_error"), (404, "not_found_error"),
+     (408, "invalid_request_error"), (413, "invalid_request_error"), (415, "invalid_request_error"),
+     (429, "rate_limit_error"), (500, "server_error"), (503, "server_error"), (418, "invalid_request_error")],
+)  # fmt: skip
+def test_each_status_has_openais_error_type(status: int, kind: str) -> None:
+    assert error_body(status, "m")["error"] == {"message": "m", "type": kind, "param": None, "code": None}
