@@ -27,12 +27,14 @@ class App:
         self.status, self.reads_after, self.raises = status, reads_after, raises
         self.calls = 0
         self.body = b""
+        self.messages: list[dict[str, Any]] = []  # the body's messages, as the app received them
         self.later: list[dict[str, Any]] = []  # messages received after the body
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         self.calls += 1
         while True:
             message = await receive()
+            self.messages.append(message)
             self.body += message.get("body", b"")
             if not message.get("more_body", False):
                 break
@@ -74,10 +76,6 @@ class Client:
         body = b"".join(m.get("body", b"") for m in self.sent if m["type"] == "http.response.body")
         return json.loads(body)["error"]
 
-    def header(self, name: bytes) -> bytes | None:
-        start = next(m for m in self.sent if m["type"] == "http.response.start")
-        return dict(start["headers"]).get(name)
-
 
 def scope(headers: dict[bytes, bytes] | None = None, kind: str = "http") -> dict[str, Any]:
     return {"type": kind, "method": "POST", "path": "/v1/audio/speech", "headers": list((headers or {}).items())}
@@ -101,9 +99,28 @@ def body_layer(app: App, timeout: float = 5.0) -> RequestBody:
 @pytest.mark.parametrize("size", [LIMIT - 1, LIMIT])
 def test_a_chunked_body_up_to_the_limit_reaches_the_app_whole_in_one_message(size: int) -> None:
     app = App()
-    client = Client(chunks(b"a" * (size - 3), b"bcd"[: 3], b""))
+    client = Client(chunks(b"a" * (size - 3), b"bcd", b""))
     run(body_layer(app), client)
-    assert app.body == b"a" * (size - 3) + b"bcd" and app.calls == 1 and client.status == 200
+    assert app.messages == [{"type": "http.request", "body": b"a" * (size - 3) + b"bcd", "more_body": False}]
+    assert app.calls == 1 and client.status == 200
+
+
+def test_messages_without_a_body_or_more_body_key_are_empty_and_last() -> None:
+    """ASGI lets a client's message leave out ``body`` (empty) and ``more_body`` (False)."""
+    app = App()
+    client = Client([{"type": "http.request", "more_body": True}, {"type": "http.request", "body": b"{}"}])
+    run(body_layer(app), client)
+    assert app.messages == [{"type": "http.request", "body": b"{}", "more_body": False}]
+    assert client.received == 2 and client.status == 200
+
+
+def test_a_scope_without_headers_has_none() -> None:
+    app = App()
+    s = scope()
+    del s["headers"]
+    client = Client(chunks(b"{}"))
+    run(body_layer(app), client, s)
+    assert app.body == b"{}" and client.status == 200
 
 
 def test_a_chunked_body_one_byte_over_the_limit_is_a_413_and_the_rest_is_not_read() -> None:
@@ -111,9 +128,18 @@ def test_a_chunked_body_one_byte_over_the_limit_is_a_413_and_the_rest_is_not_rea
     client = Client(chunks(b"a" * LIMIT, b"b", b"never read"))
     run(body_layer(app), client)
     assert client.status == 413 and app.calls == 0
-    assert client.error()["code"] == "body_too_large" and str(LIMIT) in client.error()["message"]
+    assert client.error() == {"message": f"the request body is larger than {LIMIT} bytes",
+                              "type": "invalid_request_error", "param": None, "code": "body_too_large"}  # fmt: skip
     assert client.received == 2  # it stopped at the chunk that went over
-    assert client.header(b"connection") == b"close"
+    assert_closing_json(client)
+
+
+def assert_closing_json(client: Client) -> None:
+    """A refusal's headers: JSON, its exact length, and the connection closed after it."""
+    start = next(m for m in client.sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in client.sent if m["type"] == "http.response.body")
+    assert start["headers"] == [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()), (b"connection", b"close")]  # fmt: skip
 
 
 @pytest.mark.parametrize(("length", "refused"), [(LIMIT, False), (LIMIT + 1, True)])
@@ -123,6 +149,7 @@ def test_content_length_over_the_limit_is_refused_before_the_body_is_read(length
     run(body_layer(app), client, scope({b"content-length": str(length).encode()}))
     if refused:
         assert client.status == 413 and client.received == 0 and app.calls == 0
+        assert_closing_json(client)
     else:
         assert client.status == 200 and app.calls == 1
 
@@ -133,9 +160,10 @@ def test_a_compressed_body_is_a_415_naming_the_encoding(encoding: bytes) -> None
     client = Client(chunks(b"{}"))
     run(body_layer(app), client, scope({b"content-encoding": encoding}))
     assert client.status == 415 and app.calls == 0 and client.received == 0
-    error = client.error()
-    assert error["code"] == "unsupported_encoding" and encoding.strip().lower().decode() in error["message"]
-    assert error["type"] == "invalid_request_error"
+    name = encoding.strip().lower().decode()
+    assert client.error() == {"message": f"the request body is compressed ({name}): send it uncompressed JSON",
+                              "type": "invalid_request_error", "param": None, "code": "unsupported_encoding"}  # fmt: skip
+    assert_closing_json(client)
 
 
 @pytest.mark.parametrize("encoding", [b"identity", b"Identity", b" identity ", b""])
@@ -151,8 +179,9 @@ def test_a_body_that_stops_arriving_is_a_408_after_the_timeout() -> None:
     client = Client(chunks(b"ab", b"cd")[:1], stalls=True)  # one chunk with more to come, then nothing
     run(body_layer(app, timeout=0.05), client)
     assert client.status == 408 and app.calls == 0
-    assert client.error()["code"] == "request_timeout" and "0.05 seconds" in client.error()["message"]
-    assert client.header(b"connection") == b"close"
+    assert client.error() == {"message": "the request body did not arrive within 0.05 seconds: send it at once",
+                              "type": "invalid_request_error", "param": None, "code": "request_timeout"}  # fmt: skip
+    assert_closing_json(client)
 
 
 def test_a_client_gone_while_sending_the_body_gets_nothing_and_the_app_never_runs() -> None:
@@ -173,15 +202,18 @@ def test_after_the_body_every_receive_goes_to_the_client_so_a_hang_up_is_seen() 
 
 @pytest.mark.parametrize("kind", ["lifespan", "websocket"])
 def test_other_scopes_pass_through_untouched(kind: str) -> None:
-    seen: list[str] = []
+    seen: list[dict[str, Any]] = []
 
     async def app(s: dict, receive: Any, send: Any) -> None:
-        seen.append(s["type"])
+        seen.append(await receive())
+        await send({"type": f"{kind}.answer"})
 
-    client = Client([])
+    client = Client([{"type": f"{kind}.first"}, {"type": f"{kind}.second"}])
+    metrics = Metrics()
     run(RequestBody(app, max_bytes=LIMIT, timeout=5.0), client, scope({b"content-encoding": b"gzip"}, kind))
-    run(RequestMetrics(app, Metrics()), client, scope(kind=kind))
-    assert seen == [kind, kind] and client.sent == [] and client.received == 0
+    run(RequestMetrics(app, metrics), client, scope(kind=kind))
+    assert seen == [{"type": f"{kind}.first"}, {"type": f"{kind}.second"}]  # the client's, in order
+    assert client.sent == [{"type": f"{kind}.answer"}] * 2 and metrics.requests == {}
 
 
 # ---- the request counters ----------------------------------------------------------------------------
