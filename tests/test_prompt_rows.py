@@ -28,6 +28,7 @@ def codes(frames: int, start: int = 1) -> torch.Tensor:
 def test_text_is_bos_speaker_text_eos_with_the_checkpoints_tokens(tokenizer) -> None:  # noqa: ANN001
     builder = PromptBuilder(tokenizer, K)
     body = tokenizer.encode("[3]Hello there.", add_special_tokens=False)
+    assert tokenizer.encode("[3]Hello there.") == [tokenizer.bos_token_id, *body]  # as csm-1b's adds <bos>
     assert len(body) > 2 and tokenizer.bos_token_id != tokenizer.eos_token_id
     assert builder.text_ids(3, "Hello there.") == [tokenizer.bos_token_id, *body, tokenizer.eos_token_id]
     assert builder.text_positions(3, "Hello there.") == len(body) + 2

@@ -82,7 +82,7 @@ _ROPE = {  # csm-1b uses llama3 RoPE scaling in both transformers
 
 def build_tokenizer():  # -> PreTrainedTokenizerFast
     """A byte-level BPE trained in-process, with the CSM special tokens appended after the BPE ids."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     # Step 1: train a small byte-level BPE on the corpus (deterministic: one thread, fixed data).
@@ -95,6 +95,10 @@ def build_tokenizer():  # -> PreTrainedTokenizerFast
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
     # Step 2: the special tokens get the ids after the BPE vocabulary.
     tok.add_special_tokens(SPECIAL_TOKENS)
+    # Step 3: like csm-1b's (Llama 3's) tokenizer, encoding with special tokens starts with <bos>.
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=EOS, model_max_length=131072
     )
