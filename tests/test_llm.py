@@ -115,8 +115,8 @@ class Handler(BaseHTTPRequestHandler):
 class FakeOpenAI(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), Handler)
+    def __init__(self, handler: type[BaseHTTPRequestHandler] = Handler) -> None:
+        super().__init__(("127.0.0.1", 0), handler)
         self.requests: list[dict[str, Any]] = []
         self.sent: list[str] = []  # every event written, in order (a test counts them)
         self.hangups = 0  # replies the client stopped reading
@@ -140,9 +140,9 @@ class FakeOpenAI(ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}/v1"
 
 
-def serving() -> Iterator[FakeOpenAI]:
+def serving(handler: type[BaseHTTPRequestHandler] = Handler) -> Iterator[FakeOpenAI]:
     """A FakeOpenAI answering on 127.0.0.1 from a thread until the generator is closed."""
-    srv = FakeOpenAI()
+    srv = FakeOpenAI(handler)
     thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield srv
