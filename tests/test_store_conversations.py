@@ -185,7 +185,66 @@ def test_codes_of_the_wrong_shape_or_range_are_refused() -> None:
     with pytest.raises(ValueError, match=r"codes must be \(K, T\), got \(3,\)"):
         codes_to_blob(torch.zeros(3, dtype=torch.long))
     for bad in (-1, 32768):
-        with pytest.raises(ValueError, match="codes out of int16 range"):
+        with pytest.raises(ValueError) as err:
             codes_to_blob(torch.tensor([[0, bad]]))
+        assert str(err.value) == "codes out of int16 range"
     assert codes_to_blob(torch.tensor([[0, 32767]]))[1:] == (1, 2)
     assert codes_to_blob(torch.zeros(4, 0, dtype=torch.long)) == (b"", 4, 0)
+
+
+def test_the_clock_is_utc_to_the_millisecond() -> None:
+    stamp_now = store_module.now()
+    parsed = datetime.fromisoformat(stamp_now)
+    assert stamp_now.endswith("+00:00") and parsed.utcoffset() == timedelta(0)
+    assert len(stamp_now.split(".")[1]) == len("123+00:00")
+
+
+def test_a_damaged_codes_blob_is_one_line_naming_the_sizes() -> None:
+    from companion.store import blob_to_codes
+
+    with pytest.raises(CompanionError) as err:
+        blob_to_codes(b"\x00" * 10, 2, 3)
+    assert str(err.value) == "history database: stored codes have 10 bytes, expected 12: the file is damaged"
+
+
+def test_a_history_in_folders_not_made_yet_is_made(tmp_path: Path) -> None:
+    with Store(tmp_path / "a" / "b" / "h.sqlite3") as store:
+        assert store.sessions() == [] and (tmp_path / "a" / "b" / "h.sqlite3").exists()
+
+
+def test_the_store_is_used_from_other_threads(tmp_path: Path, clock) -> None:  # noqa: ANN001
+    """The server's worker threads write where the event loop's thread opened it."""
+    import threading
+
+    with Store(tmp_path / "h.sqlite3") as store:
+        made: list[int] = []
+        thread = threading.Thread(target=lambda: made.append(store.create_session("m", 512, [], None, "t")))
+        thread.start()
+        thread.join()
+        assert store.conversation_session_id("t") == made[0]
+
+
+def test_replacing_a_voice_keeps_its_place_and_unpinning_takes_others_in_one_step(tmp_path: Path, clock) -> None:  # noqa: ANN001
+    with Store(tmp_path / "h.sqlite3") as store:
+        sid = store.create_session("m", 512, [VoiceRecord(n, i, None, None) for i, n in enumerate("abc")], "a")
+        store.put_voice(sid, VoiceRecord("a", 0, "now with a reference", codes()))
+        assert [v.name for v in store.voices(sid)] == ["a", "b", "c"]
+        assert store.voices(sid)[0].transcript == "now with a reference"
+        store.put_voice(sid, VoiceRecord("d", 3, None, None), unpinned=["b"])
+        assert [v.name for v in store.voices(sid)] == ["a", "c", "d"]
+        store.remove_voice(sid, "c")
+        store.put_voice(sid, VoiceRecord("e", 4, None, None))
+        assert [v.name for v in store.voices(sid)] == ["a", "d", "e"]
+
+
+def test_a_newer_history_is_refused_with_the_whole_fix(tmp_path: Path) -> None:
+    path = tmp_path / "h.sqlite3"
+    Store(path).close()
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {store_module.SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(CompanionError) as err:
+        Store(path)
+    assert str(err.value) == (
+        f"{path}: written by a newer companion (schema {store_module.SCHEMA_VERSION + 1}, this one knows "
+        f"{store_module.SCHEMA_VERSION}): upgrade companion, or move the file away to start a new history")

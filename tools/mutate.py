@@ -77,10 +77,49 @@ def run(module: str, tests: list[str], children: int) -> dict[str, int | float |
     (work / "results.txt").write_text(out)
     killed = counts.get("killed", 0) + counts.get("timeout", 0)
     survived = counts.get("survived", 0) + counts.get("no tests", 0)  # no test reaches it: it survives too
+    equivalent = write_survivors(work, out, mutmut, env)
     score = 100.0 * killed / max(killed + survived, 1)
-    return {"module": module, "killed": killed, "survived": survived,
+    real = 100.0 * killed / max(killed + survived - equivalent, 1)
+    return {"module": module, "killed": killed, "survived": survived, "equivalent": equivalent,
             "other": sum(counts.values()) - killed - survived, "score": round(score, 1),
-            "minutes": round(took / 60, 1), "counts": str(counts)}
+            "score_non_equivalent": round(real, 1), "minutes": round(took / 60, 1), "counts": str(counts)}
+
+
+SQL = re.compile(r"^\s*(SELECT|INSERT|UPDATE|DELETE|PRAGMA|CREATE|DROP|ALTER|VALUES|FROM|WHERE|ORDER|AND|\(SELECT)\b", re.I)
+
+
+def sql_case_only(removed: list[str], added: list[str]) -> bool:
+    """A mutant that only changes the letter case of SQL text: SQL keywords and (unquoted) names are
+    case-insensitive, so the database does the same thing (an equivalent mutant)."""
+    if len(removed) != 1 or len(added) != 1:
+        return False
+    literal = re.compile(r'"([^"]*)"')
+    if literal.sub('""', removed[0]) != literal.sub('""', added[0]):  # the code around the strings changed
+        return False
+    before, after = literal.findall(removed[0]), literal.findall(added[0])
+    changed = [(b, a) for b, a in zip(before, after, strict=True) if b != a]
+    quoted = re.compile(r"'[^']*'")  # SQL string values: their case matters
+    return bool(changed) and all(b.lower() == a.lower() and SQL.match(b) and quoted.findall(b) == quoted.findall(a)
+                                 for b, a in changed)  # fmt: skip
+
+
+def write_survivors(work: Path, results: str, mutmut: str, env: dict[str, str]) -> int:
+    """Every survivor's change into survivors.txt (marked when equivalent by rule); returns how many
+    are equivalent by that rule."""
+    names = re.findall(r"^\s*(\S+): (?:survived|no tests)$", results, re.M)
+    equivalent = 0
+    lines: list[str] = []
+    for name in names:
+        diff = subprocess.run([mutmut, "show", name], cwd=work, env=env, capture_output=True, text=True,
+                              check=False).stdout.splitlines()
+        removed = [d[1:] for d in diff if d.startswith("-") and not d.startswith("---")]
+        added = [d[1:] for d in diff if d.startswith("+") and not d.startswith("+++")]
+        same = sql_case_only(removed, added)
+        equivalent += same
+        lines += [f"## {name}" + ("  [equivalent: SQL letter case]" if same else "")]
+        lines += [f"-{r}" for r in removed] + [f"+{a}" for a in added]
+    (work / "survivors.txt").write_text("\n".join(lines) + "\n")
+    return equivalent
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,9 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"name modules from --list (unknown: {', '.join(unknown) or 'none given'})")
     for module in chosen:
         r = run(module, table[module], args.children)
-        print(f"{r['module']}: killed {r['killed']}, survived {r['survived']} (with those no test reaches), "
-              f"other {r['other']} "
-              f"({r['counts']}); score {r['score']} %; {r['minutes']} min", flush=True)
+        print(f"{r['module']}: killed {r['killed']}, survived {r['survived']} (with those no test reaches; "
+              f"{r['equivalent']} equivalent by rule), other {r['other']} ({r['counts']}); score {r['score']} %, "
+              f"{r['score_non_equivalent']} % of the non-equivalent; {r['minutes']} min "
+              f"(survivors: {workdir(module)}/survivors.txt)", flush=True)
     return 0
 
 
