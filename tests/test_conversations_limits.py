@@ -15,14 +15,18 @@ from test_session import add_profile
 
 from companion.config import load_settings
 from companion.engine import Engine
+from companion.errors import CompanionError
 from companion.refcache import ReferenceCache
 from companion.server.conversations import Conversations, _Then
 from companion.store import Store
+from companion.voices import VoiceProfile
 
 
 def make(engine: Engine, store: Store, data_dir: Path, **serve: float) -> Conversations:
     settings = load_settings(overrides={"generation": {"max_segment_seconds": 0.24, "seed": 1}, "serve": serve})
-    return Conversations(engine, settings, store, add_profile(data_dir, "plain", audio=None), ReferenceCache())
+    voices = add_profile(data_dir, "plain", audio=None)
+    voices.add(VoiceProfile(name="other", speaker=1))
+    return Conversations(engine, settings, store, voices, ReferenceCache())
 
 
 def say(conversations: Conversations, name: str, namespace: str = "") -> None:
@@ -123,6 +127,96 @@ def test_a_one_shot_request_keeps_nothing(engine, store, data_dir) -> None:  # n
     assert conversations._live == {} and store.sessions() == []
 
 
+def test_a_conversation_is_described_whole(engine, store, data_dir) -> None:  # noqa: ANN001
+    conversations = make(engine, store, data_dir)
+    say(conversations, "d")
+    list(conversations.speak("Right.", "other", "d", threading.Event()))
+    session = conversations._live[("", "d")]
+    assert conversations.describe("d") == {
+        "id": "d", "object": "conversation", "history_id": store.conversation_session_id("d"),
+        "voices": ["plain", "other"], "turns": [],  # each voice's first reply became its reference
+        "context_positions": session.context_used(), "context_budget": session.context_budget(),
+    }  # fmt: skip
+    list(conversations.speak("Good.", "other", "d", threading.Event()))
+    assert conversations.describe("d")["turns"] == [{"seq": 3, "voice": "other", "text": "Good."}]
+    assert 0 < session.context_used() < session.context_budget()
+
+
+def test_the_voice_asked_for_is_the_one_spoken_and_an_unknown_one_is_refused(engine, store, data_dir) -> None:  # noqa: ANN001
+    conversations = make(engine, store, data_dir, live_conversations=1)
+    for name in (None, "v"):
+        with pytest.raises(CompanionError, match="nobody"):
+            conversations.speak("Yes.", "nobody", name, threading.Event())
+    assert conversations._in_use == {}  # the refused request let go of its conversation
+    say(conversations, "x")  # so the limit can drop v now
+    assert list(conversations._live) == [("", "x")]
+    assert store.conversations("") == [("v", store.conversation_session_id("v")), ("x", store.conversation_session_id("x"))]
+
+
+def test_a_cancelled_request_speaks_nothing_and_keeps_nothing(engine, store, data_dir) -> None:  # noqa: ANN001
+    conversations = make(engine, store, data_dir)
+    cancel = threading.Event()
+    cancel.set()
+    for name in (None, "c"):
+        assert list(conversations.speak("Yes.", "plain", name, cancel)) == []
+    assert store.turns(store.conversation_session_id("c")) == []
+
+
+def test_a_reply_not_delivered_is_not_kept(engine, store, data_dir) -> None:  # noqa: ANN001
+    conversations = make(engine, store, data_dir)
+    assert list(conversations.speak("Yes.", "plain", "u", threading.Event(), delivered=lambda: False))
+    assert store.turns(store.conversation_session_id("u")) == []
+    assert list(conversations.speak("Yes.", "plain", "u", threading.Event(), delivered=lambda: True))
+    assert [t.text for t in store.turns(store.conversation_session_id("u"))] == ["Yes."]
+
+
+def test_a_conversation_read_while_its_reply_runs_stays_in_use(engine, store, data_dir) -> None:  # noqa: ANN001
+    """Two uses at once (a reply and a read): the read's end must not end the reply's claim."""
+    conversations = make(engine, store, data_dir, live_conversations=1)
+    reply = conversations.speak("Yes.", "plain", "busy", threading.Event())
+    next(reply)
+    assert conversations.describe("busy") is not None
+    say(conversations, "x")
+    assert list(conversations._live) == [("", "busy")]
+    list(reply)
+    say(conversations, "x")
+    assert list(conversations._live) == [("", "x")]
+
+
+def test_a_conversation_of_a_key_comes_back_from_the_history_as_itself(engine, store, data_dir) -> None:  # noqa: ANN001
+    conversations = make(engine, store, data_dir, live_conversations=1)
+    for name in ("a", "a", "b", "a"):  # b pushes a out of memory; a comes back
+        say(conversations, name, "k")
+    assert len(store.conversations("k")) == 2 and store.conversations("") == []
+    assert [t["text"] for t in conversations.describe("a", "k")["turns"]] == ["Yes.", "Yes."]
+
+
+def test_sweeping_a_conversation_no_longer_in_memory(engine, store, data_dir) -> None:  # noqa: ANN001
+    conversations = make(engine, store, data_dir, live_conversations=1, conversation_days=1.0)
+    say(conversations, "gone")
+    say(conversations, "here")  # gone leaves memory
+    two_days_ago = (datetime.now(timezone.utc) - timedelta(days=2)).isoformat(timespec="milliseconds")
+    store._db.execute("UPDATE sessions SET updated_at = ?", (two_days_ago,))
+    assert conversations.sweep() == 2 and conversations._live == {} and store.conversations("") == []
+
+
+def test_the_idle_limit_counts_in_utc_whatever_the_machines_zone(engine, store, data_dir, monkeypatch) -> None:  # noqa: ANN001
+    import time
+
+    conversations = make(engine, store, data_dir, conversation_days=1.0)
+    say(conversations, "recent")
+    hours_ago = (datetime.now(timezone.utc) - timedelta(hours=20)).isoformat(timespec="milliseconds")
+    store._db.execute("UPDATE sessions SET updated_at = ?", (hours_ago,))
+    monkeypatch.setenv("TZ", "Asia/Tokyo")  # 9 hours ahead of UTC
+    time.tzset()
+    try:
+        assert conversations.sweep() == 0  # 20 hours is not a day, wherever the machine is
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    assert [name for name, _ in store.conversations("")] == ["recent"]
+
+
 # ---- _Then: the reply's end, however it ends ------------------------------------------------------
 
 
@@ -155,6 +249,22 @@ def test_the_end_runs_once_when_a_reply_completes_fails_or_is_closed_early() -> 
     closed.close()  # before it started
     closed.close()
     assert calls == [1] and list(closed) == []
+
+
+def test_closing_a_reply_closes_the_generation_under_it() -> None:
+    closed: list[str] = []
+
+    def chunks() -> Iterator[int]:
+        try:
+            yield 1
+            yield 2
+        finally:
+            closed.append("generator")
+
+    reply = _Then(chunks(), lambda: closed.append("after"))
+    assert next(reply) == 1
+    reply.close()
+    assert closed == ["generator", "after"]
 
 
 def test_a_reply_dropped_unstarted_still_ends() -> None:
