@@ -149,6 +149,8 @@ def test_turns_from_a_seq_and_a_turn_that_becomes_a_voices_reference(tmp_path: P
         for i in range(1, 4):
             store.add_turn(sid, TurnRecord("v", 1, f"turn {i}", codes(i)), None)
         assert [t.seq for t in store.turns(sid, from_seq=2)] == [2, 3] and store.turns(sid, from_seq=4) == []
+        assert [(t.voice, t.speaker) for t in store.turns(sid)] == [("v", 1)] * 3
+        assert [(v.name, v.speaker) for v in store.voices(sid)] == [("old", 0), ("v", 1)]
         reference = TurnRecord("v", 1, "my reference", codes(5), kind="reference")
         seq = store.add_turn(sid, reference, context_start=2, voice=VoiceRecord("v", 1, "my reference", codes(5)),
                              unpinned=["old"])  # fmt: skip
