@@ -37,6 +37,12 @@ def make_app() -> FastAPI:
         raise APIError(503, "the engine is busy:\nretry soon ", param="input", code="busy",
                        headers={"Retry-After": "2"})  # fmt: skip
 
+    @app.get("/teapot")
+    def teapot() -> dict:
+        from starlette.exceptions import HTTPException
+
+        raise HTTPException(418, detail="short and stout", headers={"X-Pour": "now"})
+
     @app.get("/both")
     def both_get() -> dict:
         return {}
@@ -144,12 +150,13 @@ def test_each_status_has_openais_error_type(status: int, kind: str) -> None:
     [
         ([], (400, "invalid request body", None, None)),
         ([{"msg": "bad"}], (400, "'': bad", None, "invalid_value")),
+        ([{"loc": ("body", "x")}], (400, "'x': invalid value", "x", "invalid_value")),
         ([{"type": "dict_type", "loc": ("body",), "msg": "m"}], (400, "the request body must be a JSON object", None,
                                                                   None)),
         ([{"type": "missing", "loc": ("body", "voice"), "msg": "m"}, {"type": "missing", "loc": ("body", "input")}],
          (400, "'voice' is required", "voice", "missing_parameter")),
     ],
-    ids=["no problem listed", "no location or kind", "not a mapping", "the first of several"],
+    ids=["no problem listed", "no location or kind", "no message", "not a mapping", "the first of several"],
 )  # fmt: skip
 def test_problems_of_every_shape_become_one_line(problems: list, expected: tuple) -> None:
     from fastapi.exceptions import RequestValidationError
@@ -158,3 +165,9 @@ def test_problems_of_every_shape_become_one_line(problems: list, expected: tuple
 
     err = _validation(RequestValidationError(problems))
     assert (err.status, err.message, err.param, err.code) == expected
+
+
+def test_any_other_http_error_keeps_its_detail_and_headers(client: TestClient) -> None:
+    r = client.get("/teapot")
+    assert r.status_code == 418 and r.headers["x-pour"] == "now"
+    assert error_of(r) == {"message": "short and stout", "type": "invalid_request_error", "param": None, "code": None}
