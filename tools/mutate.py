@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all", action="store_true", help="every listed module, one after another (hours)")
     parser.add_argument("--list", action="store_true", help="the modules and their test files")
     parser.add_argument("--children", type=int, default=1, help="mutants tested at once (default 1: a shared machine)")
+    parser.add_argument("--tests", nargs="+", help="these test files instead of the module's (an older checkout's)")
     args = parser.parse_args(argv)
     table = modules()
     if args.list:
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not chosen:
         parser.error(f"name modules from --list (unknown: {', '.join(unknown) or 'none given'})")
     for module in chosen:
-        r = run(module, table[module], args.children)
+        r = run(module, args.tests or table[module], args.children)
         print(f"{r['module']}: killed {r['killed']}, survived {r['survived']} (with those no test reaches; "
               f"{r['equivalent']} equivalent by rule), other {r['other']} ({r['counts']}); score {r['score']} %, "
               f"{r['score_non_equivalent']} % of the non-equivalent; {r['minutes']} min "
