@@ -21,7 +21,7 @@ def sampler(temperature: float, topk: int, seed: int, **kwargs) -> Sampler:  # n
     return Sampler(temperature, topk, seed, CPU, K, CODES, vocab=VOCAB, **kwargs)
 
 
-def frames_of_logits(rows: int, frames: int, seed: int = 0) -> list[list[torch.Tensor]]:
+def frames_of_logits(rows: int, frames: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> list[list[torch.Tensor]]:
     """Per frame, per codebook, `(rows, VOCAB)` logits; the undecodable columns are the largest."""
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -30,7 +30,7 @@ def frames_of_logits(rows: int, frames: int, seed: int = 0) -> list[list[torch.T
         for _ in range(K):
             logits = torch.randn(rows, VOCAB, generator=gen) * 2
             logits[:, CODES:] = 50.0  # never to be picked
-            frame.append(logits)
+            frame.append(logits.to(dtype))
         out.append(frame)
     return out
 
@@ -101,12 +101,13 @@ def test_a_sampler_of_another_kind_samples_its_own_row() -> None:
     assert torch.equal(got[:, :1], alone([(0.9, 10, 1)], [[x[:1] for x in frame] for frame in logits]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
-def test_a_units_batch_sampler_gives_each_rows_eager_codes(greedy: bool) -> None:
+def test_a_units_batch_sampler_gives_each_rows_eager_codes(greedy: bool, dtype: torch.dtype) -> None:
     """Every candidate ranked and ranks past each row's top-k masked: the codes of the eager Sampler
     ranking exactly top-k, with the noise each row's Sampler drew."""
     options = [(0.0, 1, s) for s in (1, 2, 3)] if greedy else [(0.9, 10, 1), (0.4, 3, 2), (1.5, 37, 3)]
-    logits = frames_of_logits(3, frames=6)
+    logits = frames_of_logits(3, frames=6, dtype=dtype)
     expected = alone(options, logits)
     own = [sampler(*o) for o in options]
     unit = BatchSampler(3, greedy, CPU, K, CODES, VOCAB)
@@ -186,3 +187,21 @@ def test_sampled_frequencies_follow_the_softmax_over_the_top_k() -> None:
         cold.begin_frame()
         cold_picks.append(int(cold(logits)[0]))
     assert cold_picks.count(1) / len(cold_picks) > 0.97
+
+
+@pytest.mark.parametrize("options", MIXES.values(), ids=MIXES.keys())
+def test_bf16_logits_are_sampled_in_float32_the_same_way_by_every_sampler(options: list[tuple[float, int, int]]) -> None:
+    """The model's bf16 logits are ranked and scaled in float32 by the one-stream, the several-streams and
+    the graphs' samplers alike (bf16 ties and rounding would otherwise part them)."""
+    logits = frames_of_logits(len(options), frames=4, seed=3, dtype=torch.bfloat16)
+    expected = alone(options, logits)
+    assert torch.equal(together([sampler(*o) for o in options], logits), expected)
+    as_float = [[x.float() for x in frame] for frame in logits]
+    assert torch.equal(alone(options, as_float), expected)  # what float32 logits of the same values give
+
+
+def test_one_stream_among_padding_in_a_frame_of_several() -> None:
+    logits = frames_of_logits(2, frames=3)
+    for first in ((0.9, 10, 1), (0.0, 1, 1)):
+        got = together([None, sampler(*first)], logits)
+        assert torch.equal(got[:, 1:], alone([first], [[x[1:] for x in frame] for frame in logits]))
