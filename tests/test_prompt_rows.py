@@ -81,6 +81,7 @@ def test_common_prefix_counts_the_leading_rows_that_agree() -> None:
     assert common_prefix(a, a.clone()) == 5
     assert common_prefix(a, a[:3]) == 3 and common_prefix(a[:3], a) == 3
     assert common_prefix(a[:0], a) == 0 and common_prefix(a, a[:0]) == 0
+    assert common_prefix(a[:1], a) == 1 and common_prefix(a[:1], a[1:2]) == 0  # one row each: equal or not
     for row in range(5):
         for col in range(3):  # one value anywhere in a row ends the shared prefix there
             b = a.clone()
