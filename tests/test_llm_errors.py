@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,6 +26,17 @@ EVENTS_AS_TEXT = 'data: {"choices": [{"delta": {"content": "Plain."}}]}\n\ndata:
 class MoreHandler(Handler):
     def do_POST(self) -> None:  # noqa: N802
         model = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["model"]
+        self.server.requests.append({"path": self.path})
+        if model == "chunked-cut":  # a chunked reply whose second chunk never ends
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            event = b'data: {"choices": [{"delta": {"content": "Hello"}}]}\n\n'
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event) + b'40\r\ndata: {"choi')
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
         if model.startswith("status-"):  # status-N[-quiet]: HTTP N with (or without) a message
             code = int(model.split("-")[1])
             body = {} if model.endswith("quiet") else {"error": {"message": f"trouble {code} for {KEY}"}}
@@ -43,6 +55,12 @@ class MoreHandler(Handler):
         replies = {
             "error-event": ("text/event-stream", f'data: {{"choices": [{{"delta": {{"content": "Hi"}}}}]}}\n\n'
                                                  f'data: {{"error": {{"message": "overloaded, key {KEY}"}}}}\n\n'),
+            "empty-pieces": ("text/event-stream", 'data: {"choices": [{"delta": {"content": ""}}]}\n\n'
+                                                  'data: {"choices": [{"delta": {"content": "Hi"}}]}\n\n'
+                                                  'data: {"choices": [{"delta": {"content": ""}, "finish_reason": "stop"}]}\n\n'),
+            "json-error-x": ("application/json", json.dumps({"error": {"message": "XL model missing"}})),
+            "json-long-error": ("application/json", json.dumps({"error": {"message": "word " * 60}})),
+            "long-garbage": ("application/json", "<html>" + "y" * 100),
             "no-finish": ("text/event-stream", 'data: {"choices": [{"delta": {"content": "Cut"}}]}\n\ndata: [DONE]\n\n'),
             "text-plain-events": ("text/plain", EVENTS_AS_TEXT),
             "json-error": ("application/json; charset=utf-8", json.dumps({"error": {"message": f"bad {KEY}"}})),
@@ -138,15 +156,18 @@ def test_a_server_that_hangs_up_before_answering(server: FakeOpenAI, caplog) -> 
     assert "()" not in message and "None" not in message  # the reason is named
 
 
-def test_a_base_url_with_a_trailing_slash_works(server: FakeOpenAI) -> None:
-    settings = LLMSettings(base_url=server.base_url + "/", model="json-null-content", api_key_env=KEY_ENV)
+@pytest.mark.parametrize("slashes", ["/", "//"])
+def test_a_base_url_with_a_trailing_slash_works(server: FakeOpenAI, slashes: str) -> None:
+    settings = LLMSettings(base_url=server.base_url + slashes, model="json-null-content", api_key_env=KEY_ENV)
     assert list(LLMClient(settings).reply([])) == []
+    assert server.requests[-1]["path"] == "/v1/chat/completions"
 
 
 def test_the_request_is_logged_without_the_key(server: FakeOpenAI, caplog) -> None:  # noqa: ANN001
     caplog.set_level(logging.DEBUG, logger="companion")
     list(client(server, "json-null-content").reply([{"role": "user", "content": "a"}] * 3))
-    assert f"POST {server.base_url}/chat/completions model=json-null-content messages=3" in caplog.text
+    assert [r.getMessage() for r in caplog.records if r.name == "companion.llm"] == [
+        f"POST {server.base_url}/chat/completions model=json-null-content messages=3"]
     assert KEY not in caplog.text
 
 
@@ -170,3 +191,60 @@ def test_without_the_openai_package_the_fix_is_named(monkeypatch: pytest.MonkeyP
     with pytest.raises(CompanionError) as info:
         llm.check_installed()
     assert str(info.value) == MISSING_EXTRA == "replies from an LLM need the openai package: pip install 'companion[llm]'"
+
+
+def test_a_connection_cut_inside_a_chunk_after_the_first_words(server: FakeOpenAI) -> None:
+    stream = client(server, "chunked-cut").reply([])
+    assert next(stream) == "Hello"
+    with pytest.raises(CompanionError) as info:
+        next(stream)
+    assert str(info.value) == f"the LLM server at {server.base_url} dropped the connection in the middle of the reply: try again"
+
+
+def test_empty_pieces_are_not_handed_on(server: FakeOpenAI) -> None:
+    assert list(client(server, "empty-pieces").reply([])) == ["Hi"]
+
+
+def test_error_texts_keep_their_first_letter_and_stop_at_200_characters(server: FakeOpenAI, caplog) -> None:  # noqa: ANN001
+    assert error(client(server, "json-error-x"), caplog) == "the LLM server reported an error: XL model missing"
+    long = error(client(server, "json-long-error"), caplog)
+    assert long == "the LLM server reported an error: " + ("word " * 40).strip()  # 200 characters, then cut
+    assert error(client(server, "long-garbage"), caplog) == (
+        f"the LLM server at {server.base_url} sent something that is not JSON ({('<html>' + 'y' * 54)!r}): "
+        "check that llm.base_url is an OpenAI-compatible API (often ending in /v1)")
+
+
+def test_a_timeout_names_the_setting_that_raises_it(server: FakeOpenAI, caplog) -> None:  # noqa: ANN001
+    from test_llm import serving as plain_serving
+
+    gen = plain_serving()
+    slow = next(gen)
+    try:
+        assert error(client(slow, "stall", timeout_seconds=0.3), caplog) == (
+            f"the LLM server at {slow.base_url} did not answer within 0.3 s: check that it is running, "
+            "or raise llm.timeout_seconds")
+    finally:
+        gen.close()
+
+
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1/v1", "http:///v1", "127.0.0.1:8000/v1"])
+def test_a_base_url_that_is_not_http_with_a_host_is_refused(url: str, caplog) -> None:  # noqa: ANN001
+    assert error(LLMClient(LLMSettings(base_url=url, api_key_env=KEY_ENV)), caplog) == (
+        f"llm.base_url {url!r} is not a valid http(s) URL: write it in full, e.g. http://localhost:11434/v1")
+
+
+def test_https_is_a_valid_scheme(caplog) -> None:  # noqa: ANN001
+    """An https address passes the check and fails only at connecting (nothing listens there)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    message = error(LLMClient(LLMSettings(base_url=f"https://127.0.0.1:{port}/v1", api_key_env=KEY_ENV)), caplog)
+    assert message.startswith(f"cannot reach the LLM server at https://127.0.0.1:{port}/v1")
+
+
+@pytest.mark.parametrize(("pieces", "spoken"), [(["<th", "ink>x</think>Hi"], ["Hi"]), (["<", "think>a</think>", "<"], ["<"]),
+                                                (["Hi <", "b"], ["Hi ", "<b"])])  # fmt: skip
+def test_thinking_is_filtered_without_empty_pieces(pieces: list[str], spoken: list[str]) -> None:
+    from companion.llm import strip_thinking
+
+    assert list(strip_thinking(pieces)) == spoken
