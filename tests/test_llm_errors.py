@@ -153,7 +153,7 @@ def test_a_server_that_hangs_up_before_answering(server: FakeOpenAI, caplog) -> 
     message = error(client(server, "hang-up"), caplog)
     assert message.startswith(f"cannot reach the LLM server at {server.base_url} (")
     assert message.endswith("): check llm.base_url and your network") and "refused" not in message
-    assert "()" not in message and "None" not in message  # the reason is named
+    assert "disconnected" in message.lower()  # the reason is the connection's own, not the library's summary
 
 
 @pytest.mark.parametrize("slashes", ["/", "//"])
