@@ -228,15 +228,18 @@ def test_the_store_is_used_from_other_threads(tmp_path: Path, clock) -> None:  #
 
 def test_replacing_a_voice_keeps_its_place_and_unpinning_takes_others_in_one_step(tmp_path: Path, clock) -> None:  # noqa: ANN001
     with Store(tmp_path / "h.sqlite3") as store:
-        sid = store.create_session("m", 512, [VoiceRecord(n, i, None, None) for i, n in enumerate("abc")], "a")
-        store.put_voice(sid, VoiceRecord("a", 0, "now with a reference", codes()))
-        assert [v.name for v in store.voices(sid)] == ["a", "b", "c"]
+        # Names out of alphabetical order, so that only the stored position can give this order.
+        sid = store.create_session("m", 512, [VoiceRecord(n, i, None, None) for i, n in enumerate("cab")], "c")
+        store.put_voice(sid, VoiceRecord("c", 0, "now with a reference", codes()))
+        assert [v.name for v in store.voices(sid)] == ["c", "a", "b"]
         assert store.voices(sid)[0].transcript == "now with a reference"
+        store.put_voice(sid, VoiceRecord("a", 1, "replaced too", None))
+        assert [v.name for v in store.voices(sid)] == ["c", "a", "b"]
         store.put_voice(sid, VoiceRecord("d", 3, None, None), unpinned=["b"])
-        assert [v.name for v in store.voices(sid)] == ["a", "c", "d"]
+        assert [v.name for v in store.voices(sid)] == ["c", "a", "d"]
         store.remove_voice(sid, "c")
-        store.put_voice(sid, VoiceRecord("e", 4, None, None))
-        assert [v.name for v in store.voices(sid)] == ["a", "d", "e"]
+        store.put_voice(sid, VoiceRecord("0", 4, None, None))
+        assert [v.name for v in store.voices(sid)] == ["a", "d", "0"]
 
 
 def test_a_newer_history_is_refused_with_the_whole_fix(tmp_path: Path) -> None:
