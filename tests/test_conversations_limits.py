@@ -29,8 +29,8 @@ def make(engine: Engine, store: Store, data_dir: Path, **serve: float) -> Conver
     return Conversations(engine, settings, store, voices, ReferenceCache())
 
 
-def say(conversations: Conversations, name: str, namespace: str = "") -> None:
-    chunks = list(conversations.speak("Yes.", "plain", name, threading.Event(), namespace))
+def say(conversations: Conversations, name: str, namespace: str = "", text: str = "Yes.") -> None:
+    chunks = list(conversations.speak(text, "plain", name, threading.Event(), namespace))
     assert chunks
 
 
@@ -162,6 +162,12 @@ def test_a_cancelled_request_speaks_nothing_and_keeps_nothing(engine, store, dat
     assert store.turns(store.conversation_session_id("c")) == []
 
 
+def test_a_finished_reply_leaves_no_delivery_check_behind(engine, store, data_dir) -> None:  # noqa: ANN001
+    conversations = make(engine, store, data_dir)
+    list(conversations.speak("Yes.", "plain", "w", threading.Event(), delivered=lambda: True))
+    assert conversations._live[("", "w")].delivered is None
+
+
 def test_a_reply_not_delivered_is_not_kept(engine, store, data_dir) -> None:  # noqa: ANN001
     conversations = make(engine, store, data_dir)
     assert list(conversations.speak("Yes.", "plain", "u", threading.Event(), delivered=lambda: False))
@@ -185,10 +191,11 @@ def test_a_conversation_read_while_its_reply_runs_stays_in_use(engine, store, da
 
 def test_a_conversation_of_a_key_comes_back_from_the_history_as_itself(engine, store, data_dir) -> None:  # noqa: ANN001
     conversations = make(engine, store, data_dir, live_conversations=1)
-    for name in ("a", "a", "b", "a"):  # b pushes a out of memory; a comes back
-        say(conversations, name, "k")
+    for name, text in (("a", "One."), ("a", "Two."), ("b", "Bee."), ("b", "Bees."), ("a", "Three.")):
+        say(conversations, name, "k", text)  # b pushes a out of memory; a comes back, after b was used last
     assert len(store.conversations("k")) == 2 and store.conversations("") == []
-    assert [t["text"] for t in conversations.describe("a", "k")["turns"]] == ["Yes.", "Yes."]
+    assert [t["text"] for t in conversations.describe("a", "k")["turns"]] == ["Two.", "Three."]
+    assert [t["text"] for t in conversations.describe("b", "k")["turns"]] == ["Bee.", "Bees."]  # a's reference, cached
 
 
 def test_sweeping_a_conversation_no_longer_in_memory(engine, store, data_dir) -> None:  # noqa: ANN001
