@@ -291,3 +291,34 @@ def test_a_replay_that_fails_after_the_self_check_turns_graphs_off_and_the_turn_
     assert late.off is not None and "replaying a frame failed" in late.off
     assert late.replays == replays  # remembered: the next turn replays nothing
     assert len(caplog.records) == 1 and "\n" not in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("options", [GREEDY, GenerationOptions(temperature=0.8, topk=40, seed=5, max_frames=40)],
+                         ids=["greedy", "sampled"])  # fmt: skip
+def test_a_cancel_stops_a_replayed_turn_between_frames_and_the_next_turn_is_exact(tiny_engine, reference,
+                                                                                 options) -> None:  # fmt: skip
+    """Cancel after the first chunk (2 frames): the replays stop there, graphs stay on, nothing more is
+    recorded, and the next turn is the same as on an engine without graphs."""
+    import threading
+
+    capture = Recorder()
+    engine, eager = engine_with(tiny_engine, capture), engine_with(tiny_engine, None)
+    cancel = threading.Event()
+    made = 0
+    for chunk in engine.stream(reference, 0, TEXT, options, cancel):
+        made += chunk.codes.shape[1]
+        cancel.set()
+    assert made == 2 and capture.off is None
+    assert engine.loop.length == engine.last_stats.prompt_positions + 2  # the two frames, no more
+    assert torch.equal(codes_of(engine, reference, options), codes_of(eager, reference, options))
+
+
+@pytest.mark.parametrize("options", [GenerationOptions(temperature=0.9, topk=2, seed=3, max_frames=12),
+                                     GenerationOptions(temperature=0.0, topk=50, max_frames=12)],
+                         ids=["top-2 sampled", "temperature 0 with a top-k"])  # fmt: skip
+def test_the_edges_of_greedy_pick_the_unit_that_gives_the_eager_codes(tiny_engine, reference, options) -> None:
+    """Top-2 is sampling (the sampled unit), temperature 0 is greedy whatever the top-k (the greedy unit)."""
+    capture = Recorder()
+    engine, eager = engine_with(tiny_engine, capture), engine_with(tiny_engine, None)
+    assert torch.equal(codes_of(engine, reference, options), codes_of(eager, reference, options))
+    assert engine.graphs is not None and set(engine.graphs.checked) == {(1, options.temperature == 0.0)}
