@@ -276,11 +276,12 @@ def test_the_sampled_unit_is_self_checked_too(
     assert len(caplog.records) == 1 and "\n" not in caplog.records[0].getMessage()
 
 
+@pytest.mark.parametrize("at", [3, 6], ids=["third frame", "sixth frame"])  # 2 or 5 frames made before it
 @pytest.mark.parametrize("options", [GREEDY, GenerationOptions(0.9, 50, 11, 8)], ids=["greedy", "sampled"])
 def test_a_replay_that_fails_after_the_self_check_turns_graphs_off_and_the_turn_goes_on(
-    tiny_engine: Engine, reference, caplog: pytest.LogCaptureFixture, options: GenerationOptions
+    tiny_engine: Engine, reference, caplog: pytest.LogCaptureFixture, options: GenerationOptions, at: int
 ) -> None:
-    late = LateFailingCapture(fail_at=SELF_CHECK_FRAMES + 3)  # the turn's third frame
+    late = LateFailingCapture(fail_at=SELF_CHECK_FRAMES + at)  # the turn's frame ``at``
     engine = engine_with(tiny_engine, late)
     with caplog.at_level(logging.WARNING, logger="companion.engine.cuda_graphs"):
         codes = codes_of(engine, reference, options)
