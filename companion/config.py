@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from companion.paths import Paths, get_paths, shipped_config_dir
 from companion.yamlfile import Schema, load_yaml
@@ -42,6 +42,13 @@ class ContextSettings(Schema):
 class EngineSettings(Schema):
     threads: int | None = Field(None, ge=1, le=1024)  # torch CPU threads; None: torch's own choice
     max_batch: int = Field(1, ge=1, le=64)  # streams generated together by serve and batch (chat: always 1)
+    compile: Literal["auto", "on", "off"] = "auto"  # compiled frames (auto: on with CUDA, off elsewhere)
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value: Any) -> Any:
+        """YAML reads an unquoted ``on`` / ``off`` as true / false: take them as meant."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class ReferenceSettings(Schema):

@@ -91,13 +91,14 @@ def _measure(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="companion-bench-") as work:
         _log(f"loading {args.random_weights or settings.model.id} on {device.type} ({dtype})")
         if args.random_weights:
-            engine, label = bench.random_engine(args.random_weights, device, dtype, work, max_seq_len, max_batch)
+            engine, label = bench.random_engine(args.random_weights, device, dtype, work, max_seq_len, max_batch,
+                                                settings.engine.compile)
         else:
             from companion.engine import Engine
 
             engine = Engine.load(settings.model.id, revision=settings.model.revision, device=device.type,
                                  dtype=str(dtype).removeprefix("torch."), max_seq_len=max_seq_len,
-                                 max_batch=max_batch)  # fmt: skip
+                                 max_batch=max_batch, compile=settings.engine.compile)  # fmt: skip
             label = engine.model_key
         if args.counts:
             from companion.engine.bench_streams import streams_section
@@ -143,6 +144,7 @@ def _print_table(r: dict[str, Any]) -> None:
     rows = [
         ("transformers generate", _fmt(b["ms_per_frame"], " ms/frame")),
         ("engine", _fmt(e["ms_per_frame"], " ms/frame")),
+        ("  compiled frames (--compile)", r["compiled"]),
         ("floor (weights / bandwidth)", _fmt(f["ms_per_frame"], " ms/frame")),
         ("engine / generate (median of interleaved pairs)", _fmt(q["engine_over_baseline"])),
         ("  each pair", ", ".join(_fmt(v) for v in q["engine_over_baseline_pairs"])),

@@ -25,6 +25,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="weights dtype (default auto: bf16 on CUDA, fp32 elsewhere)")
     g.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for the model (default: engine.threads in config, else torch's own choice)")
+    g.add_argument("--compile", choices=["auto", "on", "off"],
+                   help="compile each frame's work into fewer, larger steps (default: engine.compile in config, "
+                        "else auto: on with an NVIDIA GPU); the first start on a machine compiles, later ones reuse it")
 
 
 def settings_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Settings:
@@ -39,7 +42,7 @@ def settings_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = 
             "device": getattr(args, "device", None),
             "dtype": getattr(args, "dtype", None),
         },
-        "engine": {"threads": threads},
+        "engine": {"threads": threads, "compile": getattr(args, "compile", None)},
     }
     if extra:
         overrides.update(extra)
@@ -112,4 +115,5 @@ def open_engine(settings: Settings, streams: int = 1) -> Iterator[Engine]:
     m = settings.model
     with torch_threads(settings.engine.threads):
         yield Engine.load(resolve_model_path(m.id), revision=m.revision, device=m.device, dtype=m.dtype,
-                          max_seq_len=settings.context.max_seq_len, max_batch=streams)
+                          max_seq_len=settings.context.max_seq_len, max_batch=streams,
+                          compile=settings.engine.compile)

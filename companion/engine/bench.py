@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from companion.engine.engine import Engine
+from companion.engine.engine import Engine, fusion_for
 from companion.engine.floor import measure_bandwidth, weight_bytes_per_frame
 from companion.engine.mimi_stream import MimiStreamDecoder
 from companion.engine.prompt import NO_TOKEN
@@ -268,10 +268,12 @@ _ROPE = {  # csm-1b: llama3 RoPE scaling
 
 
 def random_engine(
-    kind: str, device: torch.device, dtype: torch.dtype, workdir: str, max_seq_len: int = 4096, max_batch: int = 1
+    kind: str, device: torch.device, dtype: torch.dtype, workdir: str, max_seq_len: int = 4096, max_batch: int = 1,
+    compile: str = "off",
 ) -> tuple[Engine, str]:
     """An engine on random weights: ``tiny`` (the test checkpoint, written to ``workdir`` and loaded as a
-    user's model is) or ``full`` (the csm-1b architecture, built directly in ``dtype`` on ``device``)."""
+    user's model is) or ``full`` (the csm-1b architecture, built directly in ``dtype`` on ``device``);
+    ``compile``: ``engine.compile``."""
     from transformers import (
         CsmConfig,
         CsmDepthDecoderConfig,
@@ -287,7 +289,7 @@ def random_engine(
         path = tc.write_tiny_checkpoint(workdir, codebooks=32, seed=0)
         dtype_name = str(dtype).removeprefix("torch.")
         engine = Engine.load(str(path), device=device.type, dtype=dtype_name, max_seq_len=max_seq_len,
-                             max_batch=max_batch)
+                             max_batch=max_batch, compile=compile)
         return engine, "random-tiny"
     # The csm-1b architecture (transformers' defaults for CsmConfig are csm-1b's sizes), with the test
     # tokenizer: its special-token ids go into the config; the text vocabulary keeps its real size.
@@ -309,7 +311,8 @@ def random_engine(
         torch.set_default_dtype(previous)
     extractor = EncodecFeatureExtractor(feature_size=1, sampling_rate=24000, padding_value=0.0)
     processor = CsmProcessor(feature_extractor=extractor, tokenizer=tokenizer, chat_template=tc.CHAT_TEMPLATE)
-    engine = Engine(model, processor, "random-full@seed0", max_seq_len, max_batch=max_batch)
+    engine = Engine(model, processor, "random-full@seed0", max_seq_len, max_batch=max_batch,
+                    fusion=fusion_for(compile, device))
     return engine, "random-full (csm-1b architecture)"
 
 
@@ -403,9 +406,16 @@ def run_bench(engine: Engine, model_label: str, opts: BenchOptions, log: Callabl
     }
     out.update(
         device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."), model=model_label,
-        frames=opts.frames, machine=machine(engine.device),
+        frames=opts.frames, machine=machine(engine.device), compiled=compiled_state(engine),
     )  # fmt: skip
     return out
+
+
+def compiled_state(engine: Engine) -> str:
+    """Whether the engine's frames were compiled: "on", "off", or "turned off: why"."""
+    if engine.fusion is None:
+        return "off"
+    return "on" if engine.fusion.off is None else f"turned off: {engine.fusion.off}"
 
 
 def finite(value: Any) -> Any:

@@ -35,12 +35,22 @@ from typing import Any
 import torch
 
 from companion.engine.frames import FrameLoop
+from companion.engine.fused import (
+    FUSED_CHECK_FRAMES,
+    TOLERANCE,
+    Compiler,
+    FusedStep,
+    Fusion,
+    Tolerance,
+    agreement,
+)
 from companion.engine.sampling import BatchSampler, Sampler
 
 log = logging.getLogger(__name__)
 
-SELF_CHECK_FRAMES = 3
+SELF_CHECK_FRAMES = 3  # frames of a unit's self-check (a fused unit's: FUSED_CHECK_FRAMES)
 SELF_CHECK_SEED = 1234  # the sampled unit's self-check draws its noise from this seed, in both runs
+EXACT = Tolerance(relative=0.0, differing=0)  # a replay of the step itself: the same bits
 
 
 def graphs_wanted(device: torch.device) -> bool:
@@ -60,6 +70,14 @@ class GraphedFrame:
         self.pos = torch.zeros(rows, dtype=torch.long, device=loop.device)
         self.codes = torch.zeros(rows, loop.num_codebooks, dtype=torch.long, device=loop.device)
         self.replay: Callable[[], None] | None = None
+        # What a capture records: the step itself, or its compiled pieces (``fused.py``), which do the
+        # same work in fewer kernels; ``step`` stays the reference the self-check compares with.
+        self.fast: Callable[[], None] = self.step
+        self.fused = False
+
+    def fuse(self, compiler: Compiler | None = None) -> None:
+        """Record the compiled pieces of the step instead of the step (compiled at the warm-up)."""
+        self.fast, self.fused = FusedStep(self, compiler), True
 
     def step(self) -> None:
         """One frame from ``hidden`` at ``pos``: codes, then feed them, advance ``pos``."""
@@ -74,7 +92,7 @@ class GraphedFrame:
         """Run one step at the scratch position (allocations, kernel choice) without touching the context."""
         self.load(torch.zeros_like(self.hidden), [self.loop.scratch] * self.batch)
         with torch.no_grad():
-            self.step()
+            self.fast()
 
     def load(self, hidden: torch.Tensor, positions: int | list[int]) -> None:
         """Point the step at `(B, 1, H)` ``hidden`` for the frame at backbone ``positions`` (one per row)."""
@@ -114,18 +132,23 @@ class _ReplayFailed(Exception):
     """A replay raised during a turn (after its self-check passed)."""
 
 
-def new_unit(loop: FrameLoop, greedy: bool, rows: int = 1, batched: bool = False) -> GraphedFrame:
+def new_unit(loop: FrameLoop, greedy: bool, rows: int = 1, batched: bool = False, fused: bool = False) -> GraphedFrame:
     """A unit for one kind of sampling: greedy, or top-k over every decodable code (ranks past the
     configured top-k masked at run time, so one unit serves every temperature and top-k); for one
-    stream, or ``rows`` streams at once (``batched``: for the loop of several streams, even at one row)."""
+    stream, or ``rows`` streams at once (``batched``: for the loop of several streams, even at one row);
+    ``fused``: its step compiled (``fused.py``)."""
     if rows > 1 or batched:
         batch = BatchSampler(rows, greedy, loop.device, loop.num_codebooks, loop.decodable_codes, loop.vocab)
-        return GraphedFrame(loop, batch, rows)
-    sampler = Sampler(
-        0.0 if greedy else 1.0, 1 if greedy else 2, 0, loop.device, loop.num_codebooks,
-        loop.decodable_codes, width=loop.decodable_codes or loop.vocab, vocab=loop.vocab,
-    )  # fmt: skip
-    return GraphedFrame(loop, sampler)
+        unit = GraphedFrame(loop, batch, rows)
+    else:
+        sampler = Sampler(
+            0.0 if greedy else 1.0, 1 if greedy else 2, 0, loop.device, loop.num_codebooks,
+            loop.decodable_codes, width=loop.decodable_codes or loop.vocab, vocab=loop.vocab,
+        )  # fmt: skip
+        unit = GraphedFrame(loop, sampler)
+    if fused:
+        unit.fuse()
+    return unit
 
 
 class Capture:
@@ -138,7 +161,7 @@ class Capture:
 
     def record(self, unit: GraphedFrame) -> Callable[[], None]:
         unit.warm_up()
-        return unit.step
+        return unit.fast
 
 
 class CudaGraphCapture(Capture):
@@ -161,7 +184,7 @@ class CudaGraphCapture(Capture):
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool), torch.no_grad():
-            unit.step()
+            unit.fast()
         if self.pool is None:
             self.pool = graph.pool()
         return graph.replay
@@ -176,12 +199,23 @@ def default_capture(device: torch.device) -> Capture | None:
 
 
 class FrameGraphs:
-    """The captured frames of one ``FrameLoop``: at most one unit per kind of sampling (greedy or not)."""
+    """The captured frames of one ``FrameLoop``: at most one unit per kind of sampling (greedy or not).
 
-    def __init__(self, loop: FrameLoop, capture: Capture) -> None:
-        self.loop, self.capture = loop, capture
+    With ``fusion`` (not None), units are compiled (``fused.py``) while ``fusion.off`` is None; a unit
+    that fails to compile or whose self-check fails turns fusion off, and the unit is made again
+    without it. ``fused_only``: units serve only when fused (the eager ``Capture`` on a CPU, where a
+    replayed step without fusion is no faster than the step-by-step loop)."""
+
+    def __init__(self, loop: FrameLoop, capture: Capture, fusion: Fusion | None = None,
+                 fused_only: bool = False) -> None:  # fmt: skip
+        self.loop, self.capture, self.fusion, self.fused_only = loop, capture, fusion, fused_only
         self.units: dict[tuple[int, bool], GraphedFrame] = {}  # (streams, greedy) -> unit
         self.checked: set[tuple[int, bool]] = set()
+
+    @property
+    def fusing(self) -> bool:
+        """Whether new units are compiled."""
+        return self.fusion is not None and self.fusion.off is None
 
     def frames(
         self,
@@ -194,22 +228,16 @@ class FrameGraphs:
     ) -> Iterator[torch.Tensor] | None:
         """Frames through a replayed unit, or None when graphs are off (the caller generates eagerly).
         ``hidden`` `(1, 1, H)` is the state after the prompt, at position ``loop.length``."""
-        if self.capture.off is not None:
-            return None
         greedy = temperature <= 0.0 or topk <= 1
-        unit = self._unit(1, greedy)
+
+        def state(unit: GraphedFrame, seed: int) -> None:
+            unit.load(hidden, self.loop.length)
+            assert isinstance(unit.sampler, Sampler)
+            unit.sampler.configure(temperature, topk, seed)  # the greedy unit ignores them
+
+        unit = self._checked(1, greedy, False, state) if max_frames > 0 else self._unit(1, greedy, False)
         if unit is None:
             return None
-        if (1, greedy) not in self.checked and max_frames > 0:
-            try:
-                same = self._self_check(unit, hidden, min(SELF_CHECK_FRAMES, max_frames), temperature, topk)
-            except Exception as err:  # a replay that fails is as bad as one that differs
-                self._turn_off(f"replaying a frame failed in a self-check ({type(err).__name__}: {err})")
-                return None
-            if not same:
-                self._turn_off("the replay of a frame differed from the step-by-step path in a self-check")
-                return None
-            self.checked.add((1, greedy))
         assert isinstance(unit.sampler, Sampler)
         unit.sampler.configure(temperature, topk, seed)
         return self._replayed(unit, hidden, temperature, topk, seed, max_frames, cancel)
@@ -245,18 +273,30 @@ class FrameGraphs:
                 hidden = loop.backbone.forward(loop.embed_frames(made[-1][None]), loop.length - 1)
         yield from loop.frames(hidden, sampler, max_frames - len(made), cancel)
 
-    def _unit(self, rows: int, greedy: bool, batched: bool = False) -> GraphedFrame | None:
-        """The unit for ``rows`` streams and this kind of sampling, captured on first use; None (graphs
-        off) if capture fails."""
-        if (rows, greedy) in self.units:
-            return self.units[(rows, greedy)]
+    def _unit(self, rows: int, greedy: bool, batched: bool) -> GraphedFrame | None:
+        """The unit for ``rows`` streams and this kind of sampling, captured on first use; None when graphs
+        are off (or capture fails). A unit that fails to compile turns fusion off and is made without it."""
+        if self.capture.off is not None:
+            return None
+        key = (rows, greedy)
+        if key in self.units:
+            return self.units[key]
+        if self.fused_only and not self.fusing:
+            return None
         unit = new_unit(self.loop, greedy, rows, batched)
+        fused = self.fusing
         try:
-            unit.replay = self.capture.record(unit)
+            if fused:
+                assert self.fusion is not None
+                unit.fuse(self.fusion.compiler)
+            unit.replay = self.capture.record(unit)  # a fused unit compiles in its warm-up
         except Exception as err:  # capture is an optimisation: generate eagerly from now on
+            if fused:
+                self._fusion_off(f"compiling a frame failed ({type(err).__name__}: {_first_line(err)})")
+                return self._unit(rows, greedy, batched)
             self._turn_off(f"capturing a frame failed ({type(err).__name__}: {err})")
             return None
-        self.units[(rows, greedy)] = unit
+        self.units[key] = unit
         return unit
 
     def batch_unit(self, rows: int, greedy: bool, state: Callable[[GraphedFrame, int], None]) -> GraphedFrame | None:
@@ -264,67 +304,80 @@ class FrameGraphs:
         are off. At its first use it is self-checked: ``state(unit, seed)`` loads the streams' hidden
         states, positions and sampling into it (noise drawn from ``seed``), and a few frames replayed must
         equal the same frames run eagerly on every stream's row."""
-        if self.capture.off is not None:
-            return None
-        unit = self._unit(rows, greedy, batched=True)
+        return self._checked(rows, greedy, True, state)
+
+    def _checked(self, rows: int, greedy: bool, batched: bool,
+                 state: Callable[[GraphedFrame, int], None]) -> GraphedFrame | None:  # fmt: skip
+        """The unit, self-checked at its first use (``state`` loads the state the check starts from): a
+        unit that fails its check turns fusion off (a fused one, made again without it) or graphs off."""
+        unit = self._unit(rows, greedy, batched)
         if unit is None or (rows, greedy) in self.checked:
             return unit
+        streams = f" of {rows} streams" if batched else ""
         try:
-            same = self._self_check_rows(unit, state)
+            why = self._self_check(unit, state)
         except Exception as err:  # a replay that fails is as bad as one that differs
-            self._turn_off(f"replaying a frame of {rows} streams failed in a self-check ({type(err).__name__}: {err})")
-            return None
-        if not same:
-            self._turn_off(f"the replay of a frame of {rows} streams differed from the step-by-step path in a self-check")
-            return None
-        self.checked.add((rows, greedy))
-        return unit
+            why = f"replaying a frame{streams} failed in a self-check ({type(err).__name__}: {err})"
+        else:
+            if why is not None:
+                why = f"the replay of a frame{streams} differed from the step-by-step path in a self-check: {why}"
+        if why is None:
+            self.checked.add((rows, greedy))
+            return unit
+        if unit.fused:
+            del self.units[(rows, greedy)]
+            self._fusion_off(why)
+            return self._checked(rows, greedy, batched, state)
+        self._turn_off(why)
+        return None
 
     def replay_failed(self, err: Exception) -> None:
         """A replay of several streams raised during a turn: graphs go off (the caller goes on eagerly)."""
         self._turn_off(f"replaying a frame failed ({type(err).__name__}: {err})")
 
-    def _self_check_rows(self, unit: GraphedFrame, state: Callable[[GraphedFrame, int], None]) -> bool:
-        """``SELF_CHECK_FRAMES`` frames replayed and run eagerly from the state ``state`` loads, with the same
-        noise; compared on the rows of streams (``state`` leaves padding rows at the scratch position)."""
-        runs = []
-        for run in (unit.run, unit.step):
-            state(unit, SELF_CHECK_SEED)
-            live = unit.pos != self.loop.scratch
-            codes = []
-            for frame in range(SELF_CHECK_FRAMES):
-                if frame:
-                    state_noise(unit, SELF_CHECK_SEED + frame)
-                unit.sampler.begin_frame()
-                with torch.no_grad():
-                    run()
-                codes.append(unit.codes[live].clone())
-            runs.append(torch.stack(codes))
-        return torch.equal(runs[0], runs[1])
+    def _self_check(self, unit: GraphedFrame, state: Callable[[GraphedFrame, int], None]) -> str | None:
+        """None when frames replayed agree with the same frames run eagerly (``unit.step``), each from the
+        same state and noise; else what differed. ``state(unit, seed)`` loads the first frame's state and
+        noise; each frame's replay runs first, then the eager step from the state the replay started
+        from, and the next frame goes on from the eager one. Only rows of streams are compared (padding
+        rows stay at the scratch position). Both write keys/values only after the cached prefix.
 
-    def _self_check(
-        self, unit: GraphedFrame, hidden: torch.Tensor, frames: int, temperature: float, topk: int
-    ) -> bool:
-        """Whether ``frames`` frames from ``hidden`` are the same replayed and run eagerly, with the same
-        noise in both (the sampled unit samples with ``temperature`` and ``topk``). Both write keys/values
-        only at positions after the cached prefix (nothing is recorded)."""
-        runs = []
-        for run in (unit.run, unit.step):
-            unit.load(hidden, self.loop.length)
-            assert isinstance(unit.sampler, Sampler)
-            unit.sampler.configure(temperature, topk, SELF_CHECK_SEED)  # the greedy unit ignores them
-            codes = []
-            for _ in range(frames):
-                unit.sampler.begin_frame()
+        A replay of the step itself must give the same bits (codes, hidden state, positions); a fused
+        replay must be within ``fused.TOLERANCE`` of its dtype, over more frames."""
+        frames = FUSED_CHECK_FRAMES if unit.fused else SELF_CHECK_FRAMES
+        tolerance = TOLERANCE.get(unit.hidden.dtype, TOLERANCE[torch.float16]) if unit.fused else EXACT
+        state(unit, SELF_CHECK_SEED)
+        live = unit.pos != self.loop.scratch
+        replayed: list[tuple[torch.Tensor, torch.Tensor]] = []
+        eager: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for frame in range(frames):
+            if frame:
+                state_noise(unit, SELF_CHECK_SEED + frame)
+            unit.sampler.begin_frame()  # a one-stream unit's noise for this frame (from the seed)
+            hidden, pos = unit.hidden.clone(), unit.pos.clone()
+            for run, out in ((unit.run, replayed), (unit.step, eager)):
+                unit.hidden.copy_(hidden)
+                unit.pos.copy_(pos)
+                unit.sampler.row = 0
                 with torch.no_grad():
                     run()
-                codes.append(unit.codes[0].clone())
-            runs.append(torch.stack(codes))
-        return torch.equal(runs[0], runs[1])
+                out.append((torch.cat([unit.codes[live], unit.pos[live, None]], dim=1), unit.hidden[live].clone()))
+        return agreement(replayed, eager, tolerance)
 
     def _turn_off(self, why: str) -> None:
         self.capture.off = why
         log.warning("CUDA graphs turned off for this run: %s; generating without them (slower)", why)
+
+    def _fusion_off(self, why: str) -> None:
+        assert self.fusion is not None
+        self.fusion.off = why
+        log.warning("compiled frames turned off for this run: %s; generating without them (slower)", why)
+
+
+def _first_line(err: BaseException) -> str:
+    """An exception's first line (torch.compile's errors run to pages)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def state_noise(unit: GraphedFrame, seed: int) -> None:

@@ -16,11 +16,13 @@ from companion.engine.batching import Batcher
 from companion.engine.cuda_graphs import Capture, FrameGraphs, default_capture
 from companion.engine.errors import ContextTooLong, EngineBusy
 from companion.engine.frames import FrameLoop
+from companion.engine.fused import FUSION, Fusion, compile_wanted, use_compile_cache
 from companion.engine.loading import load_csm, resolve_model_dir, select_device, select_dtype
 from companion.engine.mimi_stream import MimiStreamDecoder
 from companion.engine.prompt import PromptBuilder
 from companion.engine.sampling import Sampler
 from companion.engine.types import AudioChunk, EngineStats, GenerationOptions, Segment
+from companion.paths import get_paths
 
 SAMPLES_PER_FRAME = 1920
 # Frames per yielded chunk: the first chunk comes quickly, later ones are larger (less decode overhead).
@@ -53,9 +55,12 @@ class Engine:
         max_seq_len: int = 4096,
         capture: Capture | None = None,
         max_batch: int = 1,
+        fusion: Fusion | None = None,
     ) -> None:
         """``capture``: how frames are recorded for replay (default: CUDA graphs on CUDA, none elsewhere).
-        ``max_batch``: how many streams may be generated at once (each from its own thread)."""
+        ``max_batch``: how many streams may be generated at once (each from its own thread).
+        ``fusion``: compile the frame (``fused.py``; the process's is ``fused.FUSION``), None: don't. Without
+        a capture, compiled frames run eagerly (a CPU), and only while compiling works."""
         self.model = model
         self.processor = processor
         self.model_key = model_key
@@ -67,7 +72,11 @@ class Engine:
         self.prompt = PromptBuilder(processor.tokenizer, self.num_codebooks)
         self.loop = FrameLoop(model, max_seq_len, slots=max_batch)
         capture = capture if capture is not None else default_capture(self.device)
-        self.graphs = FrameGraphs(self.loop, capture) if capture is not None else None
+        self.fusion = fusion
+        if capture is None and fusion is not None:
+            self.graphs: FrameGraphs | None = FrameGraphs(self.loop, Capture(), fusion, fused_only=True)
+        else:
+            self.graphs = FrameGraphs(self.loop, capture, fusion) if capture is not None else None
         # Mimi in float32 on every device: bf16 convolutions are slow on CPUs, lose precision on GPUs, and
         # Mimi is a small share of the weights (``load`` keeps the checkpoint's float32 codec weights).
         # Reference codes are cached under ``codec_key``: what the codec is (dtype, device, weights).
@@ -84,9 +93,10 @@ class Engine:
     def sibling(self, max_batch: int) -> Engine:
         """Another engine on the same weights (and the same way of recording frames), taking ``max_batch``
         streams at once: its own caches, prefix records and graphs."""
-        capture = self.graphs.capture if self.graphs is not None else None
+        graphs = self.graphs
+        capture = graphs.capture if graphs is not None and not graphs.fused_only else None
         return Engine(self.model, self.processor, self.model_key, self.max_seq_len, capture=capture,
-                      max_batch=max_batch)  # fmt: skip
+                      max_batch=max_batch, fusion=self.fusion)  # fmt: skip
 
     @property
     def last_stats(self) -> EngineStats:
@@ -115,12 +125,15 @@ class Engine:
         dtype: str = "auto",
         max_seq_len: int = 4096,
         max_batch: int = 1,
+        compile: str = "off",
     ) -> Engine:
-        """Load from a hub id (downloaded into the HF cache when needed) or a local directory."""
+        """Load from a hub id (downloaded into the HF cache when needed) or a local directory.
+        ``compile``: ``engine.compile`` (auto, on or off), whether frames are compiled."""
         dev = select_device(device)
+        fusion = fusion_for(compile, dev)
         path, key = resolve_model_dir(model, revision)
         csm, processor = load_csm(Path(path), dev, select_dtype(dtype, dev))
-        return cls(csm, processor, key, max_seq_len=max_seq_len, max_batch=max_batch)
+        return cls(csm, processor, key, max_seq_len=max_seq_len, max_batch=max_batch, fusion=fusion)
 
     # ---- audio <-> codes ------------------------------------------------------------------------
 
@@ -300,6 +313,15 @@ class Engine:
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def fusion_for(setting: str, device: torch.device) -> Fusion | None:
+    """The process's ``Fusion`` when ``engine.compile`` (auto, on, off) wants compiled frames on ``device``
+    (compiled code cached under companion's cache directory), else None."""
+    if not compile_wanted(setting, device):
+        return None
+    use_compile_cache(get_paths().cache_dir)
+    return FUSION
 
 
 def _describe(text: str, width: int = 40) -> str:

@@ -76,14 +76,19 @@ class Sampler:
             self.noise.uniform_(generator=self.generator)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        row, self.row = self.row, self.row + 1
+        return self.pick(logits, row)
+
+    def pick(self, logits: torch.Tensor, row: int | torch.Tensor) -> torch.Tensor:
+        """The code of codebook ``row`` (an int, or a `(1,)` device tensor in a compiled step)."""
         if self.codes is not None:
             logits = logits[..., : self.codes]
-        row, self.row = self.row, self.row + 1
         if self.greedy:  # argmax is the same on the float32 copy transformers makes: skip the copy
             return logits.argmax(dim=-1)
         # Rank the best logits, scale by the temperature, add Gumbel noise, take the best of the top k.
         values, indices = torch.topk(logits.to(torch.float32), self.width, dim=-1)
-        scores = values / self.temperature - torch.log(-torch.log(self.noise[row, : self.width]))
+        noise = self.noise[row] if isinstance(row, int) else self.noise.index_select(0, row)[0]
+        scores = values / self.temperature - torch.log(-torch.log(noise[: self.width]))
         if self.masked:
             scores = scores.masked_fill(self._ranks >= self.topk, float("-inf"))
         choice = scores.argmax(dim=-1, keepdim=True)
@@ -164,12 +169,17 @@ class BatchSampler:
         self.row = 0
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        row, self.row = self.row, self.row + 1
+        return self.pick(logits, row)
+
+    def pick(self, logits: torch.Tensor, row: int | torch.Tensor) -> torch.Tensor:
+        """The codes of codebook ``row`` (an int, or a `(1,)` device tensor in a compiled step)."""
         if self.codes is not None:
             logits = logits[..., : self.codes]
-        row, self.row = self.row, self.row + 1
         if self.greedy:
             return logits.argmax(dim=-1)
         values, indices = torch.topk(logits.to(torch.float32), self.width, dim=-1)
-        scores = values / self.temperature - torch.log(-torch.log(self.noise[:, row]))
+        noise = self.noise[:, row] if isinstance(row, int) else self.noise.index_select(1, row)[:, 0]
+        scores = values / self.temperature - torch.log(-torch.log(noise))
         scores = scores.masked_fill(self._ranks >= self.topk, float("-inf"))
         return indices.gather(-1, scores.argmax(dim=-1, keepdim=True))[:, 0]

@@ -82,6 +82,7 @@ class DecoderStack:
         self.cos_at = [self.cos[p : p + 1][None, None] for p in range(max_len)]
         self.sin_at = [self.sin[p : p + 1][None, None] for p in range(max_len)]
         self._positions = positions[0]  # (max_len,) for the static-shape step's mask
+        self._rows = torch.arange(rows, device=weight.device)  # (rows,) for its cache writes
 
     def forward(
         self, x: torch.Tensor, start: int, stop: Callable[[], bool] | None = None, row: int = 0
@@ -188,7 +189,7 @@ class DecoderStack:
         cos = self.cos.index_select(0, pos).view(B, 1, 1, -1)
         sin = self.sin.index_select(0, pos).view(B, 1, 1, -1)
         visible = (self._positions[None] <= pos[:, None]).view(B, 1, 1, -1)  # (B, 1, 1, max_len)
-        at = pos.view(B, 1, 1, 1).expand(B, self.kv_heads, 1, self.head_dim)
+        rows, at = self._rows[:B, None], pos[:, None]  # cache row b, position pos[b]
         groups = self.heads // self.kv_heads
         for i, w in enumerate(self.layers):
             h = rms_norm(x, w.ln_attn, self.eps)
@@ -198,8 +199,8 @@ class DecoderStack:
             qk = qkv[:, : self.heads + self.kv_heads]
             qk = (qk * cos) + (rotate_half(qk) * sin)
             keys, values = self.keys[i][:B], self.values[i][:B]
-            keys.scatter_(2, at, qk[:, self.heads :])
-            values.scatter_(2, at, qkv[:, self.heads + self.kv_heads :])
+            keys[rows, :, at] = qk[:, self.heads :].transpose(1, 2)  # (B, 1, Hkv, D) into row b at pos[b]
+            values[rows, :, at] = qkv[:, self.heads + self.kv_heads :].transpose(1, 2)
             # One query: its heads of a group become rows of that group's query (no GQA kernel needed).
             q = qk[:, : self.heads].reshape(B, self.kv_heads, groups, self.head_dim)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=self.scaling)

@@ -72,7 +72,8 @@ class ServerState:
         try:
             self.engine = Engine.load(resolve_model_path(m.id), revision=m.revision, device=m.device, dtype=m.dtype,
                                       max_seq_len=self.settings.context.max_seq_len,
-                                      max_batch=self.settings.engine.max_batch)
+                                      max_batch=self.settings.engine.max_batch,
+                                      compile=self.settings.engine.compile)
             self.store = Store()
             self.voices = WatchedVoiceStore()
             self.conversations = Conversations(self.engine, self.settings, self.store, self.voices, ReferenceCache())

@@ -1,0 +1,167 @@
+"""A frame in fewer operations: the replayed frame's work compiled by torch.compile (inductor).
+
+``GraphedFrame.step`` is about 5,300 tensor operations a sampled frame at full size, each its own
+kernel; an rms-norm alone is 8. Compiled, neighbouring operations fuse into one kernel. The frame is
+compiled as four pieces rather than one, so tracing stays short (the start-up cost with a warm
+compile cache) and one compiled piece serves every codebook:
+
+- ``first``: codebook 0 from the backbone's hidden state, then the depth decoder's first two
+  positions ``[backbone hidden, embed(c0)]``, as the step does;
+- ``codebook``: codebook ``i`` from the depth decoder's state (head ``i - 1``, sampling), then its
+  embedding through the depth decoder at position ``i + 1``; ``i`` is a `(1,)` device tensor, so the same
+  compiled piece runs for codebooks 1 .. K-2;
+- ``last``: codebook K-1;
+- ``feed``: the frame's embedding through the backbone at each row's position, into the unit's buffers.
+
+Inductor's own CUDA graphs stay off: the compiled frame is recorded through the product's ``Capture``
+like the step it replaces. Compiled code is kept on disk (inductor's caches, under companion's cache
+directory), so only the first start on a machine pays for compilation.
+
+Fused kernels round once where the step-by-step path rounds after every operation, so the fused frame
+is not bit-equal to it: ``agreement`` compares the two from the same state within ``TOLERANCE`` (per
+dtype), and the graphs' self-check uses it for fused units.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+COMPILE_SETTINGS = ("auto", "on", "off")
+
+
+def compile_wanted(setting: str, device: torch.device) -> bool:
+    """``engine.compile``: ``on``, ``off``, or ``auto`` (on for CUDA; off elsewhere: on a CPU the compiled
+    frame is faster only for small models, and compiling costs minutes the first time)."""
+    if setting not in COMPILE_SETTINGS:
+        raise ValueError(f"engine.compile is {setting!r}: use auto, on or off")
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def use_compile_cache(cache_dir: Path) -> None:
+    """Keep inductor's compiled code under ``cache_dir``/compiled (unless the user set
+    ``TORCHINDUCTOR_CACHE_DIR``): the second start loads what the first compiled."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "compiled"))
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far a fused frame may be from the step-by-step frame, from the same state.
+
+    ``relative``: the largest ``|fused - eager| / |eager|`` (L2 norms over each frame's hidden state, on
+    the frames whose codes are the same). ``differing``: how many frames of a check may pick other
+    codes (a near tie between two codes that rounding decides; none in float32)."""
+
+    relative: float
+    differing: int
+
+
+# float32 fuses at ~1e-6; bf16 and fp16 round the fused and unfused arithmetic at different points,
+# a few units in the last place per operation, compounded through the layers.
+TOLERANCE = {
+    torch.float32: Tolerance(relative=1e-4, differing=0),
+    torch.bfloat16: Tolerance(relative=5e-2, differing=2),
+    torch.float16: Tolerance(relative=1e-2, differing=2),
+}
+FUSED_CHECK_FRAMES = 8
+
+
+Compiler = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+class Fusion:
+    """Whether frames are compiled, for as long as this object lives (the process's is ``FUSION``):
+    ``off`` says why not, once compiling or a fused self-check failed. ``compiler`` turns each piece
+    into its compiled form (default: torch.compile with inductor; the tests hand in others)."""
+
+    def __init__(self, compiler: Compiler | None = None) -> None:
+        self.off: str | None = None
+        self.compiler = compiler
+
+
+FUSION = Fusion()
+
+
+class FusedStep:
+    """The compiled pieces of one unit's frame (``unit`` is a ``GraphedFrame``): ``__call__`` does what
+    ``unit.step`` does, in fewer kernels. Compilation happens at the first call (the warm-up)."""
+
+    def __init__(self, unit: Any, compiler: Compiler | None = None) -> None:
+        self.unit = unit
+        loop = unit.loop
+        compile_ = compiler or _inductor
+        self.first = compile_(self._first)
+        self.codebook = compile_(self._codebook)
+        self.last = compile_(self._last)
+        self.feed = compile_(self._feed)
+        rows, device = unit.batch, loop.device
+        # Codebook indices and depth positions as static device tensors (one compiled piece for all).
+        self.index = [torch.tensor([i], device=device) for i in range(loop.num_codebooks)]
+        self.at = [torch.full((rows,), i, dtype=torch.long, device=device) for i in range(loop.num_codebooks + 1)]
+
+    def __call__(self) -> None:
+        unit, loop = self.unit, self.unit.loop
+        K = loop.num_codebooks
+        c0, h = self.first(unit.hidden, self.index[0])
+        codes = [c0]
+        for i in range(1, K - 1):
+            ci, h = self.codebook(h, self.index[i], self.at[i + 1])
+            codes.append(ci)
+        codes.append(self.last(h, self.index[K - 1]))
+        self.feed(codes, unit.codes, unit.hidden, unit.pos)
+
+    # ---- the pieces (plain functions of tensors; each is compiled once) --------------------------
+
+    def _first(self, hidden: torch.Tensor, row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loop = self.unit.loop
+        c0 = self.unit.sampler.pick(F.linear(hidden[:, -1], loop.lm_head), row)
+        x = torch.cat([hidden, F.embedding(c0[:, None], loop.depth_embed)], dim=1)
+        h = loop.depth.forward(F.linear(x, loop.projector), 0)[:, -1:]
+        return c0, h.clone(memory_format=torch.contiguous_format)  # as ``codebook`` returns it: one compile
+
+    def _codebook(self, h: torch.Tensor, i: torch.Tensor, at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loop = self.unit.loop
+        ci = self._last(h, i)
+        e = F.embedding(ci[:, None] + i * loop.vocab, loop.depth_embed)
+        return ci, loop.depth.forward_at(F.linear(e, loop.projector), at)
+
+    def _last(self, h: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        loop = self.unit.loop
+        return self.unit.sampler.pick(F.linear(h[:, -1], loop.heads.index_select(0, i - 1)[0].T), i)
+
+    def _feed(self, codes: list[torch.Tensor], frame: torch.Tensor, hidden: torch.Tensor, pos: torch.Tensor) -> None:
+        """The frame's codes into ``frame``, its embedding through the backbone into ``hidden``, ``pos``
+        advanced (padding rows stay at the scratch position): the unit's buffers, written in place."""
+        loop = self.unit.loop
+        frame.copy_(torch.stack(codes, dim=1))
+        hidden.copy_(loop.backbone.forward_at(loop.embed_frame_rows(frame), pos))
+        pos.add_(1).clamp_(max=loop.scratch)
+
+
+def _inductor(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+def agreement(fused: list[tuple[torch.Tensor, torch.Tensor]], eager: list[tuple[torch.Tensor, torch.Tensor]],
+              tolerance: Tolerance) -> str | None:  # fmt: skip
+    """None when fused frames `(codes, hidden)` are close enough to the eager ones from the same states;
+    else what was too far."""
+    differing, errors = 0, []
+    for (codes_f, hidden_f), (codes_e, hidden_e) in zip(fused, eager, strict=True):
+        if not torch.equal(codes_f, codes_e):
+            differing += 1
+            continue
+        scale = float(hidden_e.float().norm())
+        errors.append(float((hidden_f.float() - hidden_e.float()).norm()) / max(scale, 1e-30))
+    if differing > tolerance.differing:
+        return f"other codes in {differing} of {len(fused)} frames (at most {tolerance.differing})"
+    too_far = [e for e in errors if not e <= tolerance.relative]  # a NaN is too far
+    if too_far:
+        return f"a relative difference of {too_far[0]:.2g} (at most {tolerance.relative:g})"
+    return None

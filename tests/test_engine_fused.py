@@ -1,0 +1,300 @@
+"""Compiled frames (``fused.py``) and what guards them, on a CPU.
+
+The pieces run through ``Fusion``'s compiler seam: ``torch.compile`` itself (inductor, on the CPU) where
+the codes are compared, and plain functions (the pieces run as written, no compilation) or deliberately
+wrong ones where the self-check, its tolerances and the fallback are tested.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from test_engine_graphs import Recorder
+
+from companion.engine import Engine, GenerationOptions, Segment
+from companion.engine.cuda_graphs import Capture, GraphedFrame, new_unit
+from companion.engine.fused import (
+    TOLERANCE,
+    FusedStep,
+    Fusion,
+    Tolerance,
+    agreement,
+    compile_wanted,
+)
+
+GREEDY = GenerationOptions(temperature=0.0, topk=1, max_frames=12)
+SAMPLED = GenerationOptions(temperature=0.9, topk=40, seed=11, max_frames=12)
+TEXT = "Compile me, please."
+
+
+def as_written(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A compiler that changes nothing: the pieces run as written."""
+    return fn
+
+
+def engine_with(tiny_engine: Engine, fusion: Fusion | None, capture: Capture | None = None,
+                max_batch: int = 1) -> Engine:  # fmt: skip
+    return Engine(tiny_engine.model, tiny_engine.processor, "fused", max_seq_len=256, capture=capture,
+                  fusion=fusion, max_batch=max_batch)  # fmt: skip
+
+
+def codes_of(engine: Engine, context: list[Segment], options: GenerationOptions = GREEDY) -> torch.Tensor:
+    return torch.cat([c.codes for c in engine.stream(context, 0, TEXT, options)], dim=1)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_engine: Engine, speech_24k) -> list[Segment]:
+    return [Segment(0, "This is how I sound.", tiny_engine.encode(speech_24k("narrator.mp3", 1.5)))]
+
+
+class Perturbing:
+    """A compiler whose ``feed`` piece scales the backbone's hidden state by ``1 + scale`` (a fused step a
+    little, or very, wrong); with ``wrong_code``, the codebook piece also picks the next code up."""
+
+    def __init__(self, scale: float = 0.0, wrong_code: bool = False, raising: bool = False) -> None:
+        self.scale, self.wrong_code, self.raising = scale, wrong_code, raising
+        self.compiled: list[str] = []
+
+    def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        name = fn.__name__
+        self.compiled.append(name)
+        if self.raising:
+            raise RuntimeError("InductorError: CppCompileError: C++ compile error\nmore lines\nof the log")
+
+        def piece(*args: Any) -> Any:
+            out = fn(*args)
+            if name == "_feed":  # (codes, frame, hidden, pos): the hidden state it wrote, scaled
+                args[2].mul_(1 + self.scale)
+            if name == "_codebook" and self.wrong_code:
+                code, h = out
+                return (code + 1) % 2048, h
+            return out
+
+        return piece
+
+
+# ---- with torch.compile itself ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_compiled_frames_give_the_eager_codes_for_48_greedy_frames(
+    tiny_engine: Engine, reference, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """float32: inductor's fused kernels give the step-by-step path's codes, frame for frame."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compiled"))
+    fusion = Fusion()
+    fused = engine_with(tiny_engine, fusion)
+    options = GenerationOptions(temperature=0.0, topk=1, max_frames=48)
+    codes = codes_of(fused, reference, options)
+    assert fusion.off is None
+    units = list(fused.graphs.units.values()) if fused.graphs else []
+    assert [u.fused for u in units] == [True]
+    assert codes.shape == (fused.num_codebooks, 48)
+    assert torch.equal(codes, codes_of(engine_with(tiny_engine, None), reference, options))
+
+
+# ---- the pieces as written (no compilation: fast) -----------------------------------------------
+
+
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_pieces_do_what_the_step_does(tiny_engine: Engine, greedy: bool, rows: int) -> None:
+    """One frame from the same state and noise: the same codes and positions, hidden states within the
+    float32 tolerance (the depth decoder attends through a position mask there, not a slice)."""
+    engine = engine_with(tiny_engine, None, max_batch=rows)
+    loop = engine.loop
+    unit = new_unit(loop, greedy, rows, batched=rows > 1)
+    pieces = FusedStep(unit, as_written)
+    generator = torch.Generator().manual_seed(5)
+    start = torch.randn(unit.hidden.shape, generator=generator)
+    positions = [3, 7, 11][:rows]
+    if not greedy and rows > 1:
+        for b in range(rows):
+            unit.sampler.load(b, 0.7 + 0.1 * b, [5, 40, 2048][b], None)
+        unit.sampler.noise.uniform_(generator=generator)
+    elif not greedy:
+        unit.sampler.configure(0.8, 30, 9)
+    outs = []
+    for run in (unit.step, pieces):
+        unit.load(start, positions if rows > 1 else positions[0])
+        if rows == 1:
+            unit.sampler.configure(0.8, 30, 9) if not greedy else None
+            unit.sampler.begin_frame()
+        with torch.no_grad():
+            run()
+        outs.append(((torch.cat([unit.codes, unit.pos[:, None]], dim=1)), unit.hidden.clone()))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert agreement([outs[1]], [outs[0]], TOLERANCE[torch.float32]) is None
+
+
+def test_fused_frames_from_the_pieces_give_eager_codes_greedy_and_sampled(tiny_engine: Engine, reference) -> None:
+    fusion = Fusion(as_written)
+    fused, eager = engine_with(tiny_engine, fusion), engine_with(tiny_engine, None)
+    for options in (GREEDY, SAMPLED, GREEDY):
+        assert torch.equal(codes_of(fused, reference, options), codes_of(eager, reference, options))
+    assert fusion.off is None
+    assert fused.graphs is not None and sorted(fused.graphs.checked) == [(1, False), (1, True)]
+    # The cache holds the prompt and the frames fed back, nothing the self-check wrote.
+    prompt = fused.last_stats.prompt_positions
+    assert torch.equal(fused.loop.rows[:prompt], fused.prompt.prompt_rows(reference, 0, TEXT))
+
+
+def test_a_fused_step_within_tolerance_stays_on(tiny_engine: Engine, reference) -> None:
+    """A hidden state 1e-5 off (float32's tolerance is 1e-4) passes the self-check: fusion stays on."""
+    fusion = Fusion(Perturbing(scale=1e-5))
+    engine = engine_with(tiny_engine, fusion)
+    codes = codes_of(engine, reference)
+    assert fusion.off is None and codes.shape == (engine.num_codebooks, GREEDY.max_frames)
+
+
+@pytest.mark.parametrize("wrong", [{"scale": 1e-3}, {"wrong_code": True}], ids=["hidden-off", "wrong-code"])
+def test_a_fused_step_beyond_tolerance_turns_fusion_off_and_codes_are_eager(
+    tiny_engine: Engine, reference, caplog: pytest.LogCaptureFixture, wrong: dict[str, Any]
+) -> None:
+    fusion = Fusion(Perturbing(**wrong))
+    engine = engine_with(tiny_engine, fusion)
+    with caplog.at_level(logging.WARNING, logger="companion.engine.cuda_graphs"):
+        codes = codes_of(engine, reference)
+        again = codes_of(engine, reference, SAMPLED)
+    eager = engine_with(tiny_engine, None)
+    assert torch.equal(codes, codes_of(eager, reference))
+    assert torch.equal(again, codes_of(eager, reference, SAMPLED))
+    assert fusion.off is not None and "self-check" in fusion.off
+    assert ("other codes" in fusion.off) == ("wrong_code" in wrong)
+    assert ("relative difference" in fusion.off) == ("scale" in wrong)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "compiled frames turned off" in messages[0] and "\n" not in messages[0]
+    # On a CPU the step without fusion is not used: generation is the step-by-step loop.
+    assert engine.graphs is not None and engine.graphs.units == {}
+
+
+def test_a_compile_error_turns_fusion_off_in_one_line(tiny_engine: Engine, reference, caplog) -> None:
+    compiler = Perturbing(raising=True)
+    fusion = Fusion(compiler)
+    engine = engine_with(tiny_engine, fusion)
+    with caplog.at_level(logging.WARNING, logger="companion.engine.cuda_graphs"):
+        codes = codes_of(engine, reference)
+        codes_of(engine, reference, SAMPLED)
+    assert torch.equal(codes, codes_of(engine_with(tiny_engine, None), reference))
+    assert compiler.compiled == ["_first"]  # not tried again: the next turn and the other kind stay eager
+    assert fusion.off is not None and "compiling a frame failed" in fusion.off and "more lines" not in fusion.off
+    assert [r.getMessage().count("\n") for r in caplog.records] == [0]
+
+
+def test_with_graphs_a_wrong_fused_step_falls_back_to_the_graphed_step(tiny_engine: Engine, reference) -> None:
+    """Where frames are recorded (CUDA graphs, here the eager Recorder), a fused unit that fails its check
+    is made again without fusion: graphs stay on, and the codes are the graphed step's (bit for bit)."""
+    recorder = Recorder()
+    fusion = Fusion(Perturbing(wrong_code=True))
+    engine = engine_with(tiny_engine, fusion, recorder)
+    codes = codes_of(engine, reference)
+    assert fusion.off is not None and recorder.off is None and recorder.captures == 2
+    assert engine.graphs is not None and [u.fused for u in engine.graphs.units.values()] == [False]
+    assert torch.equal(codes, codes_of(engine_with(tiny_engine, None), reference))
+
+
+def test_fusion_off_is_remembered_by_every_engine_that_shares_it(tiny_engine: Engine, reference) -> None:
+    fusion = Fusion(Perturbing(scale=1.0))
+    codes_of(engine_with(tiny_engine, fusion), reference)
+    assert fusion.off is not None
+    other = engine_with(tiny_engine, fusion)
+    codes_of(other, reference)
+    assert other.graphs is not None and other.graphs.units == {}
+
+
+# ---- the tolerance ------------------------------------------------------------------------------
+
+
+def frames_with(error: float, codes_differ: int = 0, frames: int = 8) -> tuple[list, list]:
+    """Eager frames and fused ones whose hidden states are ``error`` off (relative), and
+    ``codes_differ`` of which pick another code."""
+    generator = torch.Generator().manual_seed(0)
+    eager, fused = [], []
+    for f in range(frames):
+        codes = torch.randint(0, 2048, (1, 33), generator=generator)
+        hidden = torch.randn(1, 1, 64, generator=generator)
+        noise = torch.randn(1, 1, 64, generator=generator)
+        eager.append((codes, hidden))
+        other = codes.clone()
+        if f < codes_differ:
+            other[0, 5] += 1
+        fused.append((other, hidden + error * noise * hidden.norm() / noise.norm()))
+    return fused, eager
+
+
+@pytest.mark.parametrize(
+    ("dtype", "error", "differ", "passes"),
+    [
+        (torch.float32, 0.0, 0, True),
+        (torch.float32, 0.9e-4, 0, True),
+        (torch.float32, 1.1e-4, 0, False),
+        (torch.float32, 0.0, 1, False),  # float32 rounds too little to flip a code
+        (torch.bfloat16, 4.9e-2, 2, True),  # a near tie rounded the other way, twice in 8 frames
+        (torch.bfloat16, 5.1e-2, 0, False),
+        (torch.bfloat16, 0.0, 3, False),
+        (torch.float16, 0.9e-2, 2, True),
+        (torch.float16, 1.1e-2, 0, False),
+    ],
+)
+def test_the_tolerance_of_each_dtype(dtype: torch.dtype, error: float, differ: int, passes: bool) -> None:
+    fused, eager = frames_with(error, differ)
+    assert (agreement(fused, eager, TOLERANCE[dtype]) is None) == passes
+
+
+def test_a_nan_never_agrees() -> None:
+    fused, eager = frames_with(0.0)
+    fused[3] = (fused[3][0], torch.full_like(fused[3][1], float("nan")))
+    assert agreement(fused, eager, Tolerance(relative=1.0, differing=8)) is not None
+
+
+def test_a_frame_with_other_codes_is_not_measured_for_closeness() -> None:
+    """Its hidden state follows another code: only the count of such frames is held against it."""
+    fused, eager = frames_with(0.0, codes_differ=1)
+    fused[0] = (fused[0][0], fused[0][1] * 100)
+    assert agreement(fused, eager, Tolerance(relative=1e-6, differing=1)) is None
+
+
+# ---- the setting --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "wanted"),
+    [("auto", "cuda", True), ("auto", "cpu", False), ("auto", "mps", False), ("on", "cpu", True),
+     ("on", "cuda", True), ("off", "cuda", False), ("off", "cpu", False)],
+)  # fmt: skip
+def test_engine_compile_setting(setting: str, device: str, wanted: bool) -> None:
+    assert compile_wanted(setting, torch.device(device)) is wanted
+
+
+def test_an_unknown_compile_setting_is_refused() -> None:
+    with pytest.raises(ValueError, match="use auto, on or off"):
+        compile_wanted("yes", torch.device("cpu"))
+
+
+def test_a_unit_is_fused_only_when_asked(tiny_engine: Engine) -> None:
+    loop = engine_with(tiny_engine, None).loop
+    plain: GraphedFrame = new_unit(loop, True)
+    assert not plain.fused and plain.fast == plain.step
+    plain.fuse(as_written)
+    assert plain.fused and isinstance(plain.fast, FusedStep)
+
+
+def test_engine_compile_in_the_config_file(companion_home) -> None:
+    from companion.config import load_settings
+    from companion.errors import CompanionError
+
+    config = companion_home / "config" / "config.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    assert load_settings().engine.compile == "auto"
+    for written, meant in [("'on'", "on"), ("on", "on"), ("off", "off"), ("auto", "auto")]:  # YAML: on is true
+        config.write_text(f"engine:\n  compile: {written}\n")
+        assert load_settings().engine.compile == meant
+    config.write_text("engine:\n  compile: sometimes\n")
+    with pytest.raises(CompanionError) as refused:
+        load_settings()
+    assert "engine.compile" in str(refused.value) and "'auto', 'on' or 'off'" in str(refused.value)
+    assert "\n" not in str(refused.value)
