@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--quick", action="store_true", help="three starts: without, cold, warm")
     parser.add_argument("--child", choices=["on", "off"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -67,7 +68,8 @@ def main() -> None:
     runs = []
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, PYTHONPATH=str(ROOT))
-        for label, mode in [("off", "off"), ("cold", "on"), ("warm", "on"), ("off", "off"), ("warm", "on")]:
+        starts = [("off", "off"), ("cold", "on"), ("warm", "on")] + ([] if args.quick else [("off", "off"), ("warm", "on")])
+        for label, mode in starts:
             cmd = [sys.executable, __file__, "--child", mode, "--size", args.size, "--device", args.device,
                    "--dtype", args.dtype]  # fmt: skip
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout

@@ -33,6 +33,15 @@ and the JSON file is rewritten after every section, so a run cut short keeps wha
    --streams 1,2,4,8``'s numbers (each count in an engine of its size, 1 the one-stream engine:
    aggregate frames/s, ms per frame and RTF of each stream, speed-up over one stream).
 
+8. ``compiled``: compiled frames (``engine.compile``, ``companion/engine/fused.py``) on the same weights,
+   with their own graph capture: whether the fused self-check passed (and why not); kernels a sampled
+   compiled frame launches (CUDA kernels in a profile of one fused step); interleaved ms per frame of
+   the fused engine, the unfused graphed one and the eager one; transformers' ``generate`` eager and
+   with static caches and ``torch.compile``d backbone and depth decoder (the csm-1b model card's fast
+   path); the fused engine's ``companion bench`` (RTF, floor, first audio with a 2-minute reference);
+   in float32 on the tiny checkpoint, fused greedy codes against eager (must be equal); and the first
+   and second start with compilation (``benchmarks/compile_start.py``, fresh processes, full size).
+
 ``--dry-run`` runs it all on the tiny checkpoint on CPU with graphs replaced by the eager replay the
 CPU tests use (``Capture``), to prove the script itself works where there is no GPU.
 """
@@ -49,6 +58,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,6 +70,7 @@ from companion.engine.bench import (
     REF_SHORT_FRAMES,
     TURNS,
     BenchOptions,
+    baseline_ms_per_frame,
     engine_run,
     finite,
     prompt_embeds,
@@ -69,6 +80,7 @@ from companion.engine.bench import (
 )
 from companion.engine.bench_streams import streams_section
 from companion.engine.cuda_graphs import CUDA_GRAPHS, Capture, CudaGraphCapture, FrameGraphs
+from companion.engine.fused import Fusion
 
 
 def greedy_codes(engine: Engine, context: list, frames: int) -> torch.Tensor:
@@ -248,6 +260,93 @@ def streams_check(engine: Engine, capture: Capture, args: argparse.Namespace, op
     return out
 
 
+def compiled_check(engine: Engine, args: argparse.Namespace, opts: BenchOptions,
+                   log: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+    """Compiled frames against unfused graphs, eager, and transformers eager and compiled (section 8)."""
+    import statistics
+    import subprocess
+
+    capture = Capture() if args.dry_run else CudaGraphCapture()
+    fusion = Fusion()
+    fused = Engine(engine.model, engine.processor, engine.model_key, engine.max_seq_len, capture=capture, fusion=fusion)
+    graphed = Engine(engine.model, engine.processor, engine.model_key, engine.max_seq_len,
+                     capture=Capture() if args.dry_run else CudaGraphCapture())  # fmt: skip
+    eager = eager_twin(engine)
+    context = [reference(engine, REF_SHORT_FRAMES)]
+    out: dict[str, Any] = {}
+    for target in (fused, graphed, eager):  # warm-ups: compile, capture, self-checks
+        engine_run(target, context, TURNS[0], 2, opts)
+    out["fused_on"], out["fused_off_reason"] = fusion.off is None, fusion.off
+    out["kernels_per_sampled_frame"] = cuda_kernels_per_frame(fused) if engine.device.type == "cuda" else None
+    rounds: dict[str, list[float]] = {"fused": [], "graphed": [], "eager": []}
+    for i in range(opts.repeats):  # interleaved: fused, graphed, eager, fused, ...
+        for name, target in (("fused", fused), ("graphed", graphed), ("eager", eager)):
+            rounds[name].append(engine_run(target, context, TURNS[0], opts.frames, opts, seed=i)[0].ms_per_frame)
+    out["ms_per_frame"] = {name: statistics.median(v) for name, v in rounds.items()}
+    out["ms_per_frame_rounds"] = rounds
+    out["fused_over_graphed_pairs"] = [f / g for f, g in zip(rounds["fused"], rounds["graphed"], strict=True)]
+    log("compiled: transformers' generate, eager")
+    out["transformers_eager_ms_per_frame"] = baseline_ms_per_frame(engine, context, TURNS[0], opts)
+    log("compiled: bench of the fused engine")
+    out["bench"] = run_bench(fused, "fused", opts, lambda t: log(f"compiled bench: {t}"))
+    log("compiled: transformers' generate with static caches and torch.compile")
+    out["transformers_compiled_ms_per_frame"] = transformers_compiled(engine, context, opts)
+    if not args.dry_run:
+        log("compiled: first and second start")
+        cmd = [sys.executable, str(Path(__file__).with_name("compile_start.py")), "--size", "full", "--device",
+               "cuda", "--dtype", "bfloat16", "--quick"]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=420, check=False)
+        out["starts"] = done.stdout.strip().splitlines()[-3:] + done.stderr.strip().splitlines()[-2:]
+    return {"compiled": out}
+
+
+def cuda_kernels_per_frame(engine: Engine) -> int:
+    """CUDA kernels one sampled fused step launches (profiled eagerly, not replayed)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from companion.engine.cuda_graphs import new_unit
+
+    unit = new_unit(engine.loop, False)
+    unit.fuse()
+    unit.warm_up()
+    unit.load(torch.zeros_like(unit.hidden), engine.loop.scratch)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof, torch.no_grad():
+        unit.fast()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def transformers_compiled(engine: Engine, context: list, opts: BenchOptions) -> float:
+    """transformers' generate with static caches and compiled backbone and depth decoder (the model card's
+    fast path), ms per frame; the model's forwards are restored afterwards."""
+    model = engine.model
+    saved = (model.backbone_model.forward, model.depth_decoder.forward,
+             model.generation_config.cache_implementation, model.depth_decoder.generation_config.cache_implementation)  # fmt: skip
+    try:
+        model.generation_config.cache_implementation = "static"
+        model.depth_decoder.generation_config.cache_implementation = "static"
+        model.backbone_model.forward = torch.compile(model.backbone_model.forward)
+        model.depth_decoder.forward = torch.compile(model.depth_decoder.forward)
+        baseline_ms_per_frame(engine, context, TURNS[0], BenchOptions(4, 1, opts.temperature, opts.topk))  # compiles
+        return baseline_ms_per_frame(engine, context, TURNS[0], opts)
+    finally:
+        (model.backbone_model.forward, model.depth_decoder.forward, model.generation_config.cache_implementation,
+         model.depth_decoder.generation_config.cache_implementation) = saved  # fmt: skip
+
+
+def tiny_fused_exactness(device: torch.device, work: str, frames: int) -> dict[str, Any]:
+    """float32, tiny checkpoint: fused greedy codes against the eager engine's (must be equal)."""
+    engine, _ = random_engine("tiny", device, torch.float32, work)
+    fusion = Fusion()
+    capture = CudaGraphCapture() if device.type == "cuda" else None
+    fused = Engine(engine.model, engine.processor, engine.model_key, engine.max_seq_len, capture=capture, fusion=fusion)
+    context = [reference(engine, REF_SHORT_FRAMES)]
+    out = agreement(greedy_codes(fused, context, frames), greedy_codes(eager_twin(engine), context, frames))
+    out["fused_on"], out["fused_off_reason"] = fusion.off is None, fusion.off
+    return {"tiny_fused": out}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="GPU checks: graph self-check, graph-vs-eager exactness, bench"
@@ -259,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bench-frames", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument("--skip-compiled", action="store_true", help="leave out section 8 (compiled frames)")
     parser.add_argument("--json", help="also write the result here (rewritten after every section)")
     args = parser.parse_args(argv)
     log = lambda text: print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)  # noqa: E731
@@ -355,6 +455,11 @@ def main(argv: list[str] | None = None) -> int:
                 out["bench"]["graphs_on"] = capture.off is None
         # 7. Several streams through one frame loop.
         section("several streams at once", lambda: {"streams": streams_check(engine, capture, args, opts, log)})
+        # 8. Compiled frames (last: the transformers baseline compiles the model's own forwards).
+        if not args.skip_compiled:
+            section("compiled frames", lambda: compiled_check(engine, args, opts, log))
+    if not args.skip_compiled:
+        section("tiny: float32 compiled vs eager", lambda: tiny_fused_exactness(device, work_dir.name, args.frames))
     out["graphs_off_reason"] = capture.off
     work_dir.cleanup()
     save()

@@ -45,3 +45,10 @@ def test_dry_run_runs_every_section(tmp_path: Path) -> None:
     for step in ("eager_step", "graph_step", "graph_step_float32"):
         assert forced[step]["argmax_agrees"] == 1.0
     assert result["graph_speed"]["graphed_frames"] == [4]
+    compiled = result["compiled"]  # compiled frames: self-checked, timed beside the others, benched
+    assert compiled["fused_on"] and compiled["fused_off_reason"] is None
+    assert sorted(compiled["ms_per_frame_rounds"]) == ["eager", "fused", "graphed"]
+    assert all(len(v) == 1 for v in compiled["ms_per_frame_rounds"].values())
+    assert compiled["transformers_eager_ms_per_frame"] > 0 and compiled["transformers_compiled_ms_per_frame"] > 0
+    assert compiled["bench"]["compiled"] == "on" and compiled["bench"]["engine"]["frames"] == 4
+    assert result["tiny_fused"]["equal"] and result["tiny_fused"]["frames"] == 8 and result["tiny_fused"]["fused_on"]
