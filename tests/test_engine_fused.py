@@ -206,6 +206,62 @@ def test_fusion_off_is_remembered_by_every_engine_that_shares_it(tiny_engine: En
     assert other.graphs is not None and other.graphs.units == {}
 
 
+class FailingLater:
+    """A compiler whose ``feed`` piece raises from its ``fail_at``-th call on (a fused frame that worked
+    through its warm-up and self-check, then fails in a turn)."""
+
+    def __init__(self, fail_at: int) -> None:
+        self.fail_at, self.feeds = fail_at, 0
+
+    def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        if fn.__name__ != "_feed":
+            return fn
+
+        def feed(*args: Any) -> Any:
+            self.feeds += 1
+            if self.feeds >= self.fail_at:
+                raise RuntimeError("compiled kernel failed\nand a long log")
+            return fn(*args)
+
+        return feed
+
+
+WARM_UP_AND_CHECK = 1 + 8  # feeds before a turn's first frame: the warm-up and the 8 self-check frames
+
+
+@pytest.mark.parametrize("options", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_a_compiled_frame_failing_in_a_turn_turns_compiling_off_and_the_turn_goes_on(
+    tiny_engine: Engine, reference, caplog: pytest.LogCaptureFixture, options: GenerationOptions
+) -> None:
+    """Frame 4 of the turn fails: the turn goes on step by step from frame 3, with the codes the
+    uncompiled path gives (seeded sampling too); the next turn does not compile again."""
+    fusion = Fusion(FailingLater(fail_at=WARM_UP_AND_CHECK + 4))
+    engine = engine_with(tiny_engine, fusion)
+    with caplog.at_level(logging.WARNING, logger="companion.engine.cuda_graphs"):
+        codes = codes_of(engine, reference, options)
+        again = codes_of(engine, reference, options)
+    eager = codes_of(engine_with(tiny_engine, None), reference, options)
+    assert torch.equal(codes, eager) and torch.equal(again, eager)
+    assert fusion.off is not None and "replaying a frame failed" in fusion.off and "long log" not in fusion.off
+    assert engine.graphs is not None and engine.graphs.capture.off is None and engine.graphs.units == {}
+    assert [r.getMessage().count("\n") for r in caplog.records] == [0]
+    assert "compiled frames turned off" in caplog.records[0].getMessage()
+
+
+def test_with_graphs_a_compiled_frame_failing_in_a_turn_is_replaced_by_the_graphed_step(
+    tiny_engine: Engine, reference
+) -> None:
+    recorder = Recorder()
+    fusion = Fusion(FailingLater(fail_at=WARM_UP_AND_CHECK + 2))
+    engine = engine_with(tiny_engine, fusion, recorder)
+    codes = codes_of(engine, reference)
+    again = codes_of(engine, reference)
+    eager = codes_of(engine_with(tiny_engine, None), reference)
+    assert torch.equal(codes, eager) and torch.equal(again, eager)
+    assert fusion.off is not None and recorder.off is None and recorder.captures == 2
+    assert engine.graphs is not None and [u.fused for u in engine.graphs.units.values()] == [False]
+
+
 # ---- the tolerance ------------------------------------------------------------------------------
 
 

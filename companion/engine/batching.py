@@ -229,7 +229,7 @@ class Batcher:
                 frames, hidden = self._replay(unit, by_slot)
             except Exception as err:  # noqa: BLE001 - graphs off; this frame again, eagerly, same noise
                 assert self.engine.graphs is not None
-                self.engine.graphs.replay_failed(err)
+                self.engine.graphs.replay_failed(err, unit)
                 unit = None
         with torch.no_grad():
             if frames is None:

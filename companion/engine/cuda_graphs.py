@@ -119,7 +119,7 @@ class GraphedFrame:
             try:
                 self.run()
             except Exception as err:
-                raise _ReplayFailed(f"{type(err).__name__}: {err}") from err
+                raise _ReplayFailed(f"{type(err).__name__}: {_first_line(err)}") from err
             frame = self.codes[0].clone()
             if not bool(frame.any()):  # the one host sync per frame
                 return
@@ -262,7 +262,7 @@ class FrameGraphs:
                 yield frame
             return
         except _ReplayFailed as failed:
-            self._turn_off(f"replaying a frame failed ({failed})")
+            self._failed(f"replaying a frame failed ({failed})", unit)
         loop = self.loop
         sampler = Sampler(temperature, topk, seed, loop.device, loop.num_codebooks, loop.decodable_codes,
                           vocab=loop.vocab)
@@ -279,6 +279,9 @@ class FrameGraphs:
         if self.capture.off is not None:
             return None
         key = (rows, greedy)
+        if key in self.units and self.units[key].fused and not self.fusing:  # compiling went off meanwhile
+            del self.units[key]
+            self.checked.discard(key)
         if key in self.units:
             return self.units[key]
         if self.fused_only and not self.fusing:
@@ -331,9 +334,18 @@ class FrameGraphs:
         self._turn_off(why)
         return None
 
-    def replay_failed(self, err: Exception) -> None:
-        """A replay of several streams raised during a turn: graphs go off (the caller goes on eagerly)."""
-        self._turn_off(f"replaying a frame failed ({type(err).__name__}: {err})")
+    def replay_failed(self, err: Exception, unit: GraphedFrame) -> None:
+        """A replay of several streams raised during a turn: graphs (or, for a compiled unit, compiling)
+        go off; the caller goes on eagerly."""
+        self._failed(f"replaying a frame failed ({type(err).__name__}: {_first_line(err)})", unit)
+
+    def _failed(self, why: str, unit: GraphedFrame) -> None:
+        """``unit`` failed in a turn: a compiled one turns compiling off (the next turn makes the unit again
+        without it), any other turns graphs off."""
+        if unit.fused:
+            self._fusion_off(why)
+        else:
+            self._turn_off(why)
 
     def _self_check(self, unit: GraphedFrame, state: Callable[[GraphedFrame, int], None]) -> str | None:
         """None when frames replayed agree with the same frames run eagerly (``unit.step``), each from the
