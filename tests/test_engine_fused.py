@@ -354,3 +354,21 @@ def test_engine_compile_in_the_config_file(companion_home) -> None:
         load_settings()
     assert "engine.compile" in str(refused.value) and "'auto', 'on' or 'off'" in str(refused.value)
     assert "\n" not in str(refused.value)
+
+
+def test_one_line_before_compiling_into_an_empty_cache(tmp_path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    from companion.engine import fused
+
+    cache = tmp_path / "compiled"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    monkeypatch.setattr(fused, "_told", set())
+    with caplog.at_level(logging.WARNING, logger="companion.engine.fused"):
+        fused.first_compile_notice()
+        fused.first_compile_notice()  # once a process
+        assert [r.getMessage().count("\n") for r in caplog.records] == [0]
+        assert "the first start only" in caplog.records[0].getMessage()
+        monkeypatch.setattr(fused, "_told", set())
+        cache.mkdir()
+        (cache / "fxgraph").mkdir()  # what an earlier start compiled: nothing to say
+        fused.first_compile_notice()
+    assert len(caplog.records) == 1

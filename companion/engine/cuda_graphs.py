@@ -43,6 +43,7 @@ from companion.engine.fused import (
     Fusion,
     Tolerance,
     agreement,
+    first_compile_notice,
 )
 from companion.engine.sampling import BatchSampler, Sampler
 
@@ -291,6 +292,7 @@ class FrameGraphs:
         try:
             if fused:
                 assert self.fusion is not None
+                first_compile_notice()
                 unit.fuse(self.fusion.compiler)
             unit.replay = self.capture.record(unit)  # a fused unit compiles in its warm-up
         except Exception as err:  # capture is an optimisation: generate eagerly from now on

@@ -24,6 +24,7 @@ dtype), and the graphs' self-check uses it for fused units.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 COMPILE_SETTINGS = ("auto", "on", "off")
 
@@ -48,6 +51,20 @@ def use_compile_cache(cache_dir: Path) -> None:
     """Keep inductor's compiled code under ``cache_dir``/compiled (unless the user set
     ``TORCHINDUCTOR_CACHE_DIR``): the second start loads what the first compiled."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "compiled"))
+
+
+_told: set[str] = set()
+
+
+def first_compile_notice() -> None:
+    """Say so (once a process) before compiling into an empty compile cache: the first start on a
+    machine waits for the compiler, the first reply with it."""
+    directory = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not directory or directory in _told or any(Path(directory).glob("*")):
+        return
+    _told.add(directory)
+    log.warning("compiling the speech model's frame step for this machine (the first start only: a minute or more; "
+                "later starts reuse it, and engine.compile: off skips it)")
 
 
 @dataclass(frozen=True)
