@@ -34,7 +34,7 @@ def test_static_step_gives_the_eager_greedy_codes(tiny_engine: Engine) -> None:
 def test_gumbel_top_k_sampling_follows_the_softmax() -> None:
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log()[None]  # (1, 4)
-    sampler = Sampler(1.0, 3, 7, torch.device("cpu"), num_codebooks=1)
+    sampler = Sampler(1.0, 3, 7, torch.device("cpu"), num_codebooks=1, vocab=4)
     counts = torch.zeros(4)
     for _ in range(6000):
         sampler.begin_frame()
@@ -46,7 +46,7 @@ def test_gumbel_top_k_sampling_follows_the_softmax() -> None:
 
 def test_temperature_sharpens() -> None:
     logits = torch.tensor([[2.0, 1.0, 0.0]])
-    cold = Sampler(0.05, 3, 1, torch.device("cpu"), num_codebooks=1)
+    cold = Sampler(0.05, 3, 1, torch.device("cpu"), num_codebooks=1, vocab=3)
     picks = set()
     for _ in range(200):
         cold.begin_frame()

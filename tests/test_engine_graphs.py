@@ -231,7 +231,7 @@ def test_masked_width_sampling_follows_the_top_k_softmax() -> None:
     """The graph's sampler ranks every code and masks ranks >= top-k (a tensor): same distribution."""
     probs = torch.tensor([0.4, 0.3, 0.2, 0.06, 0.04])
     logits = probs.log()[None]
-    sampler = Sampler(1.0, 5, 11, torch.device("cpu"), num_codebooks=1, width=5)
+    sampler = Sampler(1.0, 5, 11, torch.device("cpu"), num_codebooks=1, width=5, vocab=5)
     sampler.configure(1.0, 3, 11)  # top-3 set in place
     counts = torch.zeros(5)
     for _ in range(6000):

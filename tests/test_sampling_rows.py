@@ -159,7 +159,8 @@ def test_greedy_when_temperature_is_not_above_zero_or_topk_at_most_one(temperatu
 def test_a_top_k_above_the_candidates_is_clamped_to_them() -> None:
     assert sampler(0.9, 500, 1).width == CODES
     assert Sampler(0.9, 500, 1, CPU, K, None, vocab=VOCAB).width == VOCAB
-    assert Sampler(0.9, 500, 1, CPU, K).width == 500  # nothing known to clamp it to
+    with pytest.raises(ValueError, match="needs codes or vocab"):  # its noise has a column per code
+        Sampler(0.9, 500, 1, CPU, K)
 
 
 def test_same_seed_same_codes_and_no_seed_draws_anew() -> None:
@@ -173,7 +174,7 @@ def test_same_seed_same_codes_and_no_seed_draws_anew() -> None:
 def test_sampled_frequencies_follow_the_softmax_over_the_top_k() -> None:
     """Logits 0, log 3 and one below the top-2: at temperature 1 the codes come 1 : 3, never the third.
     Seeded, so the count is the same every run."""
-    s = Sampler(1.0, 2, 123, CPU, 1)
+    s = Sampler(1.0, 2, 123, CPU, 1, vocab=3)
     logits = torch.tensor([[0.0, float(torch.log(torch.tensor(3.0))), -5.0]])
     picks = []
     for _ in range(4000):
@@ -181,7 +182,7 @@ def test_sampled_frequencies_follow_the_softmax_over_the_top_k() -> None:
         picks.append(int(s(logits)[0]))
     share = picks.count(1) / len(picks)
     assert picks.count(2) == 0 and 0.72 < share < 0.78
-    cold = Sampler(0.25, 2, 123, CPU, 1)  # a lower temperature sharpens: 3 ** 4 : 1
+    cold = Sampler(0.25, 2, 123, CPU, 1, vocab=3)  # a lower temperature sharpens: 3 ** 4 : 1
     cold_picks = []
     for _ in range(2000):
         cold.begin_frame()

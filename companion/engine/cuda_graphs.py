@@ -45,13 +45,13 @@ from companion.engine.fused import (
     agreement,
     first_compile_notice,
 )
-from companion.engine.sampling import BatchSampler, Sampler
+from companion.engine.sampling import BatchSampler, ForcedPicks, Sampler
 
 log = logging.getLogger(__name__)
 
 SELF_CHECK_FRAMES = 3  # frames of a unit's self-check (a fused unit's: FUSED_CHECK_FRAMES)
 SELF_CHECK_SEED = 1234  # the sampled unit's self-check draws its noise from this seed, in both runs
-EXACT = Tolerance(relative=0.0, differing=0)  # a replay of the step itself: the same bits
+EXACT = Tolerance(relative=0.0)  # a replay of the step itself: the same codes, the same bits
 
 
 def graphs_wanted(device: torch.device) -> bool:
@@ -352,31 +352,42 @@ class FrameGraphs:
     def _self_check(self, unit: GraphedFrame, state: Callable[[GraphedFrame, int], None]) -> str | None:
         """None when frames replayed agree with the same frames run eagerly (``unit.step``), each from the
         same state and noise; else what differed. ``state(unit, seed)`` loads the first frame's state and
-        noise; each frame's replay runs first, then the eager step from the state the replay started
-        from, and the next frame goes on from the eager one. Only rows of streams are compared (padding
-        rows stay at the scratch position). Both write keys/values only after the cached prefix.
+        noise; each frame is replayed, then run eagerly from the state the replay started from, picking
+        the replayed codes (``ForcedPicks`` measures how far each was from the eager pick), and the next
+        frame goes on from there. Only rows of streams are compared (padding rows stay at the scratch
+        position). Both write keys/values only after the cached prefix.
 
-        A replay of the step itself must give the same bits (codes, hidden state, positions); a fused
-        replay must be within ``fused.TOLERANCE`` of its dtype, over more frames."""
+        A replay of the step itself must be the eager step bit for bit (its own picks, the same hidden
+        states and positions); a fused replay must be within ``fused.TOLERANCE`` of its dtype, over more
+        frames."""
         frames = FUSED_CHECK_FRAMES if unit.fused else SELF_CHECK_FRAMES
         tolerance = TOLERANCE.get(unit.hidden.dtype, TOLERANCE[torch.float16]) if unit.fused else EXACT
         state(unit, SELF_CHECK_SEED)
         live = unit.pos != self.loop.scratch
         replayed: list[tuple[torch.Tensor, torch.Tensor]] = []
         eager: list[tuple[torch.Tensor, torch.Tensor]] = []
+        gaps: list[torch.Tensor] = []
+        sampler = unit.sampler
         for frame in range(frames):
             if frame:
                 state_noise(unit, SELF_CHECK_SEED + frame)
-            unit.sampler.begin_frame()  # a one-stream unit's noise for this frame (from the seed)
+            sampler.begin_frame()  # a one-stream unit's noise for this frame (from the seed)
             hidden, pos = unit.hidden.clone(), unit.pos.clone()
-            for run, out in ((unit.run, replayed), (unit.step, eager)):
-                unit.hidden.copy_(hidden)
-                unit.pos.copy_(pos)
-                unit.sampler.row = 0
+            with torch.no_grad():
+                unit.run()
+            replayed.append((torch.cat([unit.codes[live], unit.pos[live, None]], dim=1), unit.hidden[live].clone()))
+            forced = ForcedPicks(sampler, unit.codes.clone(), live, tolerance.relative)
+            unit.hidden.copy_(hidden)
+            unit.pos.copy_(pos)
+            unit.sampler = forced  # type: ignore[assignment]  # the eager step picks the replayed codes
+            try:
                 with torch.no_grad():
-                    run()
-                out.append((torch.cat([unit.codes[live], unit.pos[live, None]], dim=1), unit.hidden[live].clone()))
-        return agreement(replayed, eager, tolerance)
+                    unit.step()
+            finally:
+                unit.sampler = sampler
+            eager.append((torch.cat([unit.codes[live], unit.pos[live, None]], dim=1), unit.hidden[live].clone()))
+            gaps += forced.gaps
+        return agreement(replayed, eager, gaps, tolerance)
 
     def _turn_off(self, why: str) -> None:
         self.capture.off = why

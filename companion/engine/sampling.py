@@ -25,8 +25,10 @@ class Sampler:
     ``vocab`` is the logits' width: a top-k above the candidates there are is clamped to them.
 
     The same seed gives the same codes whatever the width: every sampler draws one uniform per candidate
-    `(K, codes or vocab)` each frame and ranks ``r`` uses the uniform in column ``r``, so the eager path
-    (exactly k ranked) and a graph's (every candidate ranked, ranks past k masked) add the same noise.
+    code `(K, codes or vocab)` each frame and code ``c`` uses the uniform in column ``c``, so the eager path
+    (exactly k ranked) and a graph's (every candidate ranked, ranks past k masked) add the same noise to
+    each code. Noise follows codes, not ranks: logits that differ by a rounding step (another kernel, a
+    compiled step) and swap two codes' ranks change no code's score by more than that step.
     """
 
     def __init__(
@@ -45,6 +47,8 @@ class Sampler:
         self.generator = torch.Generator(device=device)
         known = [c for c in (codes, vocab) if c]
         candidates = min(known) if known else None  # codes a logit row may give
+        if not self.greedy and candidates is None:
+            raise ValueError("a sampling Sampler needs codes or vocab: its noise has a column per code")
         if self.greedy:
             self.width = 1
         else:
@@ -53,9 +57,9 @@ class Sampler:
         self.temperature = torch.ones((), dtype=torch.float32, device=device)
         self.topk = torch.full((), self.width, dtype=torch.long, device=device)
         self._ranks = torch.arange(self.width, device=device)  # (width,)
-        # (K, candidates) uniforms, one per rank a code may have (the same draw whatever ``width`` is).
-        columns = self.width if self.greedy else max(self.width, candidates or 0)
-        self.noise = torch.full((num_codebooks, columns), 0.5, device=device)
+        # (K, candidates) uniforms, one per code (the same draw whatever ``width`` is).
+        columns = 1 if self.greedy else candidates
+        self.noise = torch.full((num_codebooks, columns or 1), 0.5, device=device)
         self.row = 0
         self.configure(temperature, topk, seed)
 
@@ -81,18 +85,22 @@ class Sampler:
 
     def pick(self, logits: torch.Tensor, row: int | torch.Tensor) -> torch.Tensor:
         """The code of codebook ``row`` (an int, or a `(1,)` device tensor in a compiled step)."""
+        return best(*self.scores(logits, row))
+
+    def scores(self, logits: torch.Tensor, row: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What ``pick`` takes the best of: `(B, n)` scores and the codes of their columns (None: the
+        column is the code, greedy)."""
         if self.codes is not None:
             logits = logits[..., : self.codes]
         if self.greedy:  # argmax is the same on the float32 copy transformers makes: skip the copy
-            return logits.argmax(dim=-1)
+            return logits, None
         # Rank the best logits, scale by the temperature, add Gumbel noise, take the best of the top k.
         values, indices = torch.topk(logits.to(torch.float32), self.width, dim=-1)
-        noise = self.noise[row] if isinstance(row, int) else self.noise.index_select(0, row)[0]
-        scores = values / self.temperature - torch.log(-torch.log(noise[: self.width]))
+        noise = self.noise[row] if isinstance(row, int) else self.noise.index_select(0, row)[0]  # (candidates,)
+        scores = values / self.temperature - torch.log(-torch.log(noise[indices]))
         if self.masked:
             scores = scores.masked_fill(self._ranks >= self.topk, float("-inf"))
-        choice = scores.argmax(dim=-1, keepdim=True)
-        return indices.gather(-1, choice)[:, 0]
+        return scores, indices
 
 
 class RowSamplers:
@@ -132,11 +140,11 @@ class RowSamplers:
             return logits.argmax(dim=-1)
         if self._noise is None:  # this frame's noise and the temperatures, one row per stream
             rows = [s or first for s in self.samplers]
-            self._noise = torch.stack([s.noise[:, : first.width] for s in rows], dim=1)  # (K, B, width)
+            self._noise = torch.stack([s.noise for s in rows], dim=1)  # (K, B, candidates)
             self._temperature = torch.stack([s.temperature for s in rows])[:, None]  # (B, 1)
         assert self._temperature is not None
         values, indices = torch.topk(logits.to(torch.float32), first.width, dim=-1)
-        scores = values / self._temperature - torch.log(-torch.log(self._noise[row]))
+        scores = values / self._temperature - torch.log(-torch.log(self._noise[row].gather(-1, indices)))
         return indices.gather(-1, scores.argmax(dim=-1, keepdim=True))[:, 0]
 
 
@@ -174,12 +182,77 @@ class BatchSampler:
 
     def pick(self, logits: torch.Tensor, row: int | torch.Tensor) -> torch.Tensor:
         """The codes of codebook ``row`` (an int, or a `(1,)` device tensor in a compiled step)."""
+        return best(*self.scores(logits, row))
+
+    def scores(self, logits: torch.Tensor, row: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What ``pick`` takes the best of (as ``Sampler.scores``), each row with its own sampling."""
         if self.codes is not None:
             logits = logits[..., : self.codes]
         if self.greedy:
-            return logits.argmax(dim=-1)
+            return logits, None
         values, indices = torch.topk(logits.to(torch.float32), self.width, dim=-1)
         noise = self.noise[:, row] if isinstance(row, int) else self.noise.index_select(1, row)[:, 0]
-        scores = values / self.temperature - torch.log(-torch.log(noise))
-        scores = scores.masked_fill(self._ranks >= self.topk, float("-inf"))
-        return indices.gather(-1, scores.argmax(dim=-1, keepdim=True))[:, 0]
+        scores = values / self.temperature - torch.log(-torch.log(noise.gather(-1, indices)))
+        return scores.masked_fill(self._ranks >= self.topk, float("-inf")), indices
+
+
+def best(scores: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
+    """`(B,)` the code of each row's best score (``indices``: the codes of the columns; None: the column)."""
+    if indices is None:
+        return scores.argmax(dim=-1)
+    return indices.gather(-1, scores.argmax(dim=-1, keepdim=True))[:, 0]
+
+
+class ForcedPicks:
+    """A sampler for checking another path's codes: it scores each codebook as ``sampler`` does, but
+    picks the `(B, K)` ``codes`` given, and records per row how far each pick was from a choice this
+    sampler could make, relative to the row's largest score (or logit): 0 for its own pick.
+
+    ``tolerance`` (relative) is what rounding may move a logit by. A sampled pick is compared with the
+    best score among the codes surely in the top-k (logits above the k-th best by more than the
+    tolerance): a code at the edge of the top-k may be in or out for the other path, and with its
+    noise it may be the best. A pick outside this sampler's top-k is measured by how far its logit is
+    below the k-th best (a near tie at the edge is close; any other code is far); a code no logit row
+    has is infinitely far. ``rows`` selects the rows recorded (padding rows of a several-stream unit
+    are left out)."""
+
+    def __init__(self, sampler: Sampler | BatchSampler, codes: torch.Tensor, rows: torch.Tensor,
+                 tolerance: float = 0.0) -> None:  # fmt: skip
+        self.sampler, self.codes, self.rows, self.tolerance = sampler, codes, rows, tolerance
+        self.row = 0
+        self.gaps: list[torch.Tensor] = []
+
+    def begin_frame(self) -> None:
+        self.row = 0
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        row, self.row = self.row, self.row + 1
+        scores, indices = self.sampler.scores(logits, row)
+        self.gaps.append(self._gap(logits, scores.float(), indices, self.codes[:, row])[self.rows])
+        return self.codes[:, row]
+
+    def _gap(self, logits: torch.Tensor, scores: torch.Tensor, indices: torch.Tensor | None,
+             forced: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        codes = logits[..., : self.sampler.codes or None].shape[-1]
+        inside = forced < codes
+        safe = forced.clamp(max=codes - 1)[:, None]
+        if indices is None:  # greedy: the scores are the logits
+            gap = (scores.amax(-1) - scores.gather(-1, safe)[:, 0]) / _largest(scores)
+            return gap.masked_fill(~inside, float("inf"))
+        candidate = torch.isfinite(scores)  # (B, width): the top-k (ranks past it are masked)
+        values = logits.float().gather(-1, indices)  # their logits
+        scale = _largest(values.masked_fill(~candidate, 0.0))
+        kth = values.masked_fill(~candidate, float("inf")).amin(-1)
+        sure = candidate & (values - kth[:, None] >= self.tolerance * scale[:, None])
+        best = scores.masked_fill(~sure, float("-inf")).amax(-1)
+        match = (indices == safe) & candidate
+        picked = scores.gather(-1, match.float().argmax(-1, keepdim=True))[:, 0]
+        among = ((best - picked).clamp_min(0) / _largest(scores)).nan_to_num(0.0)  # no sure code: nothing better
+        edge = (kth - logits.float().gather(-1, safe)[:, 0]).clamp_min(0) / scale
+        gap = torch.where(match.any(-1), among, edge)
+        return gap.masked_fill(~inside, float("inf"))
+
+
+def _largest(values: torch.Tensor) -> torch.Tensor:
+    """`(B,)` each row's largest finite magnitude (the scale gaps are relative to)."""
+    return values.nan_to_num(0.0, 0.0, 0.0).abs().amax(-1).clamp_min(1e-30)
