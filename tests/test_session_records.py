@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from test_session import add_profile, make_engine, make_settings
 
+from companion.engine import Segment
 from companion.errors import CompanionError
 from companion.session import Session
 from companion.session.context import TextTooLong
@@ -39,6 +40,8 @@ def test_a_turn_is_recorded_with_its_timings_and_the_line_as_typed(tiny_model_di
         assert (stats.prompt_positions, stats.prefill_positions) == (last.prompt_positions, last.prefill_positions)
         [segment] = [s for s in session.context_segments() if s.text == turn.text]
         assert segment.speaker == 1
+        # The turn takes the positions of its own speaker's segment ("[1]..."; "[None]..." would be 2 more).
+        assert session.context.turns[-1].positions == engine.segment_positions(Segment(1, turn.text, turn.codes))
 
 
 def test_turns_are_numbered_one_after_another_without_a_history(tiny_model_dir: Path, data_dir: Path) -> None:
