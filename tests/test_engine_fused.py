@@ -18,14 +18,8 @@ from test_engine_graphs import Recorder
 
 from companion.engine import Engine, GenerationOptions, Segment
 from companion.engine.cuda_graphs import Capture, GraphedFrame, new_unit
-from companion.engine.fused import (
-    TOLERANCE,
-    FusedStep,
-    Fusion,
-    Tolerance,
-    agreement,
-    compile_wanted,
-)
+from companion.engine.fused import FusedStep, Fusion, compile_wanted
+from companion.engine.self_check import TOLERANCE, Tolerance, agreement
 
 GREEDY = GenerationOptions(temperature=0.0, topk=1, max_frames=12)
 SAMPLED = GenerationOptions(temperature=0.9, topk=40, seed=11, max_frames=12)
@@ -320,7 +314,8 @@ def test_forced_picks_measure_how_far_a_code_is_from_the_best() -> None:
     """The eager step made to pick given codes. Greedy: (best - picked) / largest |logit|. Sampled: a code
     outside the top-k by how far its logit is below the k-th best; a code past the logits: infinitely
     far; padding rows are not measured."""
-    from companion.engine.sampling import ForcedPicks, Sampler
+    from companion.engine.sampling import Sampler
+    from companion.engine.self_check import ForcedPicks
 
     logits = torch.tensor([[4.0, 2.0, -1.0, 3.0], [1.0, 0.5, 0.0, -8.0]])
     greedy = Sampler(0.0, 1, 0, torch.device("cpu"), 2)
@@ -340,7 +335,8 @@ def test_a_near_tie_at_the_edge_of_the_top_k_is_close() -> None:
     """Codes 1 and 3 are 0.01 apart at the edge of a top-2 ({0, 1} here). Another path whose rounding put
     code 3 there instead picks from {0, 3}: where the noise made code 1 the best here, it picks code 0
     (or 3). Within a tolerance that covers the tie both are close; with none, code 0 is not."""
-    from companion.engine.sampling import ForcedPicks, Sampler
+    from companion.engine.sampling import Sampler
+    from companion.engine.self_check import ForcedPicks
 
     logits = torch.tensor([[5.0, 2.0, -3.0, 1.99]])
     tried = 0

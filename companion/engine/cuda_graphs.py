@@ -35,23 +35,12 @@ from typing import Any
 import torch
 
 from companion.engine.frames import FrameLoop
-from companion.engine.fused import (
-    FUSED_CHECK_FRAMES,
-    TOLERANCE,
-    Compiler,
-    FusedStep,
-    Fusion,
-    Tolerance,
-    agreement,
-    first_compile_notice,
-)
-from companion.engine.sampling import BatchSampler, ForcedPicks, Sampler
+from companion.engine.fused import Compiler, FusedStep, Fusion, first_compile_notice
+from companion.engine.sampling import BatchSampler, Sampler
+from companion.engine.self_check import self_check
 
 log = logging.getLogger(__name__)
 
-SELF_CHECK_FRAMES = 3  # frames of a unit's self-check (a fused unit's: FUSED_CHECK_FRAMES)
-SELF_CHECK_SEED = 1234  # the sampled unit's self-check draws its noise from this seed, in both runs
-EXACT = Tolerance(relative=0.0)  # a replay of the step itself: the same codes, the same bits
 
 
 def graphs_wanted(device: torch.device) -> bool:
@@ -320,7 +309,7 @@ class FrameGraphs:
             return unit
         streams = f" of {rows} streams" if batched else ""
         try:
-            why = self._self_check(unit, state)
+            why = self_check(self.loop, unit, state)
         except Exception as err:  # a replay that fails is as bad as one that differs
             why = f"replaying a frame{streams} failed in a self-check ({type(err).__name__}: {err})"
         else:
@@ -349,46 +338,6 @@ class FrameGraphs:
         else:
             self._turn_off(why)
 
-    def _self_check(self, unit: GraphedFrame, state: Callable[[GraphedFrame, int], None]) -> str | None:
-        """None when frames replayed agree with the same frames run eagerly (``unit.step``), each from the
-        same state and noise; else what differed. ``state(unit, seed)`` loads the first frame's state and
-        noise; each frame is replayed, then run eagerly from the state the replay started from, picking
-        the replayed codes (``ForcedPicks`` measures how far each was from the eager pick), and the next
-        frame goes on from there. Only rows of streams are compared (padding rows stay at the scratch
-        position). Both write keys/values only after the cached prefix.
-
-        A replay of the step itself must be the eager step bit for bit (its own picks, the same hidden
-        states and positions); a fused replay must be within ``fused.TOLERANCE`` of its dtype, over more
-        frames."""
-        frames = FUSED_CHECK_FRAMES if unit.fused else SELF_CHECK_FRAMES
-        tolerance = TOLERANCE.get(unit.hidden.dtype, TOLERANCE[torch.float16]) if unit.fused else EXACT
-        state(unit, SELF_CHECK_SEED)
-        live = unit.pos != self.loop.scratch
-        replayed: list[tuple[torch.Tensor, torch.Tensor]] = []
-        eager: list[tuple[torch.Tensor, torch.Tensor]] = []
-        gaps: list[torch.Tensor] = []
-        sampler = unit.sampler
-        for frame in range(frames):
-            if frame:
-                state_noise(unit, SELF_CHECK_SEED + frame)
-            sampler.begin_frame()  # a one-stream unit's noise for this frame (from the seed)
-            hidden, pos = unit.hidden.clone(), unit.pos.clone()
-            with torch.no_grad():
-                unit.run()
-            replayed.append((torch.cat([unit.codes[live], unit.pos[live, None]], dim=1), unit.hidden[live].clone()))
-            forced = ForcedPicks(sampler, unit.codes.clone(), live, tolerance.relative)
-            unit.hidden.copy_(hidden)
-            unit.pos.copy_(pos)
-            unit.sampler = forced  # type: ignore[assignment]  # the eager step picks the replayed codes
-            try:
-                with torch.no_grad():
-                    unit.step()
-            finally:
-                unit.sampler = sampler
-            eager.append((torch.cat([unit.codes[live], unit.pos[live, None]], dim=1), unit.hidden[live].clone()))
-            gaps += forced.gaps
-        return agreement(replayed, eager, gaps, tolerance)
-
     def _turn_off(self, why: str) -> None:
         self.capture.off = why
         log.warning("CUDA graphs turned off for this run: %s; generating without them (slower)", why)
@@ -403,12 +352,3 @@ def _first_line(err: BaseException) -> str:
     """An exception's first line (torch.compile's errors run to pages)."""
     text = str(err).strip()
     return text.splitlines()[0] if text else ""
-
-
-def state_noise(unit: GraphedFrame, seed: int) -> None:
-    """Fill a several-stream unit's noise from ``seed`` (the self-check's frames after the first)."""
-    sampler = unit.sampler
-    if isinstance(sampler, BatchSampler) and not sampler.greedy:
-        generator = torch.Generator(device=sampler.noise.device)
-        generator.manual_seed(seed)
-        sampler.noise.uniform_(generator=generator)

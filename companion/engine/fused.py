@@ -18,9 +18,8 @@ like the step it replaces. Compiled code is kept on disk (inductor's caches, und
 directory), so only the first start on a machine pays for compilation.
 
 Fused kernels round once where the step-by-step path rounds after every operation, so the fused frame
-is not bit-equal to it: the graphs' self-check runs the step-by-step frame from the same state, made to
-pick the fused frame's codes (``sampling.ForcedPicks``), and ``agreement`` holds the two within
-``TOLERANCE`` (per dtype).
+is not bit-equal to it: its self-check (``self_check.py``) runs the step-by-step frame from the same
+state, made to pick the fused frame's codes, and holds the two within a tolerance per dtype.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,27 +66,6 @@ def first_compile_notice() -> None:
                 "later starts reuse it, and engine.compile: off skips it)")
 
 
-@dataclass(frozen=True)
-class Tolerance:
-    """How far a replayed frame may be from the step-by-step frame, from the same state and noise and
-    given the same codes (the step-by-step path is made to pick the replayed frame's codes).
-
-    ``relative``: the largest difference allowed, relative, for both what the frame computes (the
-    hidden state after the frame, an L2 norm over the frame's rows) and what it picks (how far below the
-    step-by-step path's best score each replayed code is, relative to the largest score: a near tie that
-    rounding decided the other way is a small gap; a wrong code is a large one)."""
-
-    relative: float
-
-
-# float32 fuses at ~1e-6; bf16 and fp16 round the fused and unfused arithmetic at different points,
-# a few units in the last place per operation, compounded through the layers.
-TOLERANCE = {
-    torch.float32: Tolerance(relative=1e-4),
-    torch.bfloat16: Tolerance(relative=5e-2),
-    torch.float16: Tolerance(relative=1e-2),
-}
-FUSED_CHECK_FRAMES = 8
 
 
 Compiler = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -165,25 +142,3 @@ class FusedStep:
 
 def _inductor(fn: Callable[..., Any]) -> Callable[..., Any]:
     return torch.compile(fn, fullgraph=True, dynamic=False)
-
-
-def agreement(replayed: list[tuple[torch.Tensor, torch.Tensor]], eager: list[tuple[torch.Tensor, torch.Tensor]],
-              gaps: list[torch.Tensor], tolerance: Tolerance) -> str | None:  # fmt: skip
-    """None when replayed frames are close enough to the step-by-step ones; else what was too far.
-
-    ``replayed`` and ``eager``: per frame, `(codes and positions, hidden state)`, the step-by-step frame
-    made to pick the replayed codes; ``gaps``: how far below its best score each of those codes was
-    (``sampling.ForcedPicks``)."""
-    for (codes_r, _), (codes_e, _) in zip(replayed, eager, strict=True):
-        if not torch.equal(codes_r, codes_e):
-            return "the frames went to other positions"
-    every = torch.cat([g.flatten().float().cpu() for g in gaps]) if gaps else torch.zeros(0)
-    too_far = every[~(every <= tolerance.relative)]  # a NaN is too far
-    if too_far.numel():
-        return f"a code {float(too_far.max()):.2g} below the best choice (at most {tolerance.relative:g})"
-    for (_, hidden_r), (_, hidden_e) in zip(replayed, eager, strict=True):
-        scale = float(hidden_e.float().norm())
-        error = float((hidden_r.float() - hidden_e.float()).norm()) / max(scale, 1e-30)
-        if not error <= tolerance.relative:
-            return f"a relative difference of {error:.2g} (at most {tolerance.relative:g})"
-    return None
