@@ -329,6 +329,12 @@ def test_forced_picks_measure_how_far_a_code_is_from_the_best() -> None:
     forced = ForcedPicks(sampled, torch.tensor([[2], [0]]), torch.tensor([True, False]))
     forced(logits)  # code 2 (logit -1) is not among row 0's two best (4 and 3): 4 below the k-th, of 4
     assert forced.gaps[0].shape == (1,) and torch.allclose(forced.gaps[0], torch.tensor([1.0]))
+    masked = Sampler(1.0, 4, 5, torch.device("cpu"), 2, width=4, vocab=4)  # a graph's: every code ranked
+    masked.configure(1.0, 2, 5)
+    masked.begin_frame()
+    forced = ForcedPicks(masked, torch.tensor([[2], [0]]), torch.tensor([True, False]))
+    forced(logits * 1e-3)  # the same, a thousand times smaller: the same relative gap (not relative to 1)
+    assert torch.allclose(forced.gaps[0], torch.tensor([1.0]))
 
 
 def test_a_near_tie_at_the_edge_of_the_top_k_is_close() -> None:
@@ -454,3 +460,46 @@ def test_the_relative_difference_holds_for_small_hidden_states() -> None:
     replayed, eager, gaps = frames_with(2e-4)
     small = [(c, h * 1e-3) for c, h in replayed], [(c, h * 1e-3) for c, h in eager]
     assert agreement(*small, gaps, TOLERANCE[torch.float32]) is not None
+
+
+def test_forced_pick_gaps_are_relative_to_the_largest_finite_score() -> None:
+    """A sampled unit's scores past its top-k are -inf; gaps are relative to the largest finite score,
+    however small the scores are (not to 1), and a candidate that is not the best is measured exactly."""
+    from companion.engine.sampling import Sampler
+    from companion.engine.self_check import ForcedPicks
+
+    logits = torch.tensor([[0.004, 0.002, -0.003, 0.0035]])
+    greedy = Sampler(0.0, 1, 0, torch.device("cpu"), 1)
+    forced = ForcedPicks(greedy, torch.tensor([[3]]), torch.tensor([True]))
+    forced(logits)
+    assert float(forced.gaps[0]) == pytest.approx((0.004 - 0.0035) / 0.004, rel=1e-5)
+    masked = Sampler(1.0, 4, 3, torch.device("cpu"), 1, width=4, vocab=4)  # ranks every code, masks past top-k
+    masked.configure(1.0, 2, 3)
+    masked.begin_frame()
+    scores, indices = masked.scores(logits * 1000, 0)
+    assert torch.isinf(scores).sum() == 2  # two ranks masked
+    order = scores[0].argsort(descending=True)
+    best, second = int(indices[0, order[0]]), int(indices[0, order[1]])
+    forced = ForcedPicks(masked, torch.tensor([[second]]), torch.tensor([True]))
+    forced(logits * 1000)
+    finite = scores[torch.isfinite(scores)]
+    expected = float((finite.max() - scores[0, order[1]]) / finite.abs().max())
+    assert best != second and float(forced.gaps[0]) == pytest.approx(expected, rel=1e-5) and expected > 0
+
+
+def test_a_code_just_above_the_kth_is_sure_only_by_more_than_the_tolerance() -> None:
+    """Code 3 is 0.02 above the k-th logit (code 1), the tolerance 0.01 of the largest logit 5 is 0.05:
+    code 3 is not surely in the top-3, so a pick that it would have beaten is close."""
+    from companion.engine.sampling import Sampler
+    from companion.engine.self_check import ForcedPicks
+
+    logits = torch.tensor([[5.0, 2.0, -3.0, 2.02]])
+    for seed in range(200):
+        sampled = Sampler(1.0, 3, seed, torch.device("cpu"), 1, vocab=4)
+        sampled.begin_frame()
+        if int(sampled.pick(logits, 0)[0]) == 3:  # the noise made code 3 the best
+            forced = ForcedPicks(sampled, torch.tensor([[0]]), torch.tensor([True]), tolerance=0.01)
+            forced(logits)
+            assert float(forced.gaps[0]) == 0.0
+            return
+    raise AssertionError("no seed made code 3 the best")

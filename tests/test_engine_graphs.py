@@ -324,3 +324,48 @@ def test_the_edges_of_greedy_pick_the_unit_that_gives_the_eager_codes(tiny_engin
     engine, eager = engine_with(tiny_engine, capture), engine_with(tiny_engine, None)
     assert torch.equal(codes_of(engine, reference, options), codes_of(eager, reference, options))
     assert engine.graphs is not None and set(engine.graphs.checked) == {(1, options.temperature == 0.0)}
+
+
+class SlightlyOffCapture(Recorder):
+    """A graph whose hidden state is 1e-6 off (relative): close for a compiled frame, wrong for a graph
+    of the step itself, which must be the step bit for bit."""
+
+    def record(self, unit: GraphedFrame) -> Callable[[], None]:
+        step = super().record(unit)
+
+        def replay() -> None:
+            step()
+            unit.hidden.mul_(1 + 1e-6)
+
+        return replay
+
+
+class WrongFirstCapture(Recorder):
+    """A graph whose first replay picks the next code up in codebook 1, and every later replay is right:
+    the self-check must hold every frame it ran, not only its last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.replays = 0
+
+    def record(self, unit: GraphedFrame) -> Callable[[], None]:
+        step = super().record(unit)
+        codes = unit.loop.decodable_codes or unit.loop.vocab
+
+        def replay() -> None:
+            self.replays += 1
+            step()
+            if self.replays == 1:
+                unit.codes[:, 1] = (unit.codes[:, 1] + 1) % codes
+
+        return replay
+
+
+@pytest.mark.parametrize("capture", [SlightlyOffCapture, WrongFirstCapture], ids=["slightly-off", "wrong-first"])
+def test_a_graph_of_the_step_must_be_the_step_bit_for_bit_in_every_checked_frame(tiny_engine: Engine, reference,
+                                                                                capture) -> None:  # fmt: skip
+    recorder = capture()
+    engine = engine_with(tiny_engine, recorder)
+    codes = codes_of(engine, reference)
+    assert recorder.off is not None and "self-check" in recorder.off
+    assert torch.equal(codes, codes_of(engine_with(tiny_engine, None), reference))
