@@ -117,7 +117,8 @@ def main() -> None:
         if args.compiled:
             with tempfile.TemporaryDirectory() as cache:
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # compiled afresh: the code is written
-                fused = new_unit(loop, greedy, fused=True)
+                fused = new_unit(loop, greedy)
+                fused.fuse()
                 fused.load(torch.zeros_like(fused.hidden), loop.scratch)
                 total, table = compiled_kernels(fused)
             pieces = ", ".join(f"{name} {n}" for name, n in table.items())

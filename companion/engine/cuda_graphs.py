@@ -42,7 +42,6 @@ from companion.engine.self_check import self_check
 log = logging.getLogger(__name__)
 
 
-
 def graphs_wanted(device: torch.device) -> bool:
     """CUDA graphs on CUDA devices unless ``COMPANION_CUDA_GRAPHS=0``."""
     return device.type == "cuda" and os.environ.get("COMPANION_CUDA_GRAPHS", "1") != "0"
@@ -122,23 +121,19 @@ class _ReplayFailed(Exception):
     """A replay raised during a turn (after its self-check passed)."""
 
 
-def new_unit(loop: FrameLoop, greedy: bool, rows: int = 1, batched: bool = False, fused: bool = False) -> GraphedFrame:
+def new_unit(loop: FrameLoop, greedy: bool, rows: int = 1, batched: bool = False) -> GraphedFrame:
     """A unit for one kind of sampling: greedy, or top-k over every decodable code (ranks past the
     configured top-k masked at run time, so one unit serves every temperature and top-k); for one
-    stream, or ``rows`` streams at once (``batched``: for the loop of several streams, even at one row);
-    ``fused``: its step compiled (``fused.py``)."""
+    stream, or ``rows`` streams at once (``batched``: for the loop of several streams, even at one row).
+    ``unit.fuse()`` compiles its step (``fused.py``)."""
     if rows > 1 or batched:
         batch = BatchSampler(rows, greedy, loop.device, loop.num_codebooks, loop.decodable_codes, loop.vocab)
-        unit = GraphedFrame(loop, batch, rows)
-    else:
-        sampler = Sampler(
-            0.0 if greedy else 1.0, 1 if greedy else 2, 0, loop.device, loop.num_codebooks,
-            loop.decodable_codes, width=loop.decodable_codes or loop.vocab, vocab=loop.vocab,
-        )  # fmt: skip
-        unit = GraphedFrame(loop, sampler)
-    if fused:
-        unit.fuse()
-    return unit
+        return GraphedFrame(loop, batch, rows)
+    sampler = Sampler(
+        0.0 if greedy else 1.0, 1 if greedy else 2, 0, loop.device, loop.num_codebooks,
+        loop.decodable_codes, width=loop.decodable_codes or loop.vocab, vocab=loop.vocab,
+    )  # fmt: skip
+    return GraphedFrame(loop, sampler)
 
 
 class Capture:
