@@ -56,7 +56,7 @@ def prepare(module: str, tests: list[str]) -> Path:
     return work
 
 
-def run(module: str, tests: list[str], children: int) -> dict[str, int | float | str]:
+def run(module: str, tests: list[str], children: int, only: list[str] | None = None) -> dict[str, int | float | str]:
     missing = [t for t in tests if t.startswith("tests/") and not (ROOT / t).exists()]
     if missing:
         print(f"{module}: no {', '.join(missing)} here; running without", flush=True)
@@ -66,7 +66,7 @@ def run(module: str, tests: list[str], children: int) -> dict[str, int | float |
     mutmut = str(Path(sys.executable).with_name("mutmut"))
     start = time.monotonic()
     log = (work / "run.log").open("w")
-    subprocess.run([mutmut, "run", "--max-children", str(children)], cwd=work, env=env, stdout=log,
+    subprocess.run([mutmut, "run", "--max-children", str(children), *(only or [])], cwd=work, env=env, stdout=log,
                    stderr=subprocess.STDOUT, check=False)
     took = time.monotonic() - start
     out = subprocess.run([mutmut, "results", "--all", "true"], cwd=work, env=env, capture_output=True,
@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="the modules and their test files")
     parser.add_argument("--children", type=int, default=1, help="mutants tested at once (default 1: a shared machine)")
     parser.add_argument("--tests", nargs="+", help="these test files instead of the module's (an older checkout's)")
+    parser.add_argument("--only", nargs="+", metavar="PATTERN",
+                        help="only the mutants these names match (fnmatch, e.g. '*_speak_segment*'): one function's")
     args = parser.parse_args(argv)
     table = modules()
     if args.list:
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not chosen:
         parser.error(f"name modules from --list (unknown: {', '.join(unknown) or 'none given'})")
     for module in chosen:
-        r = run(module, args.tests or table[module], args.children)
+        r = run(module, args.tests or table[module], args.children, args.only)
         print(f"{r['module']}: killed {r['killed']}, survived {r['survived']} (with those no test reaches; "
               f"{r['equivalent']} equivalent by rule), other {r['other']} ({r['counts']}); score {r['score']} %, "
               f"{r['score_non_equivalent']} % of the non-equivalent; {r['minutes']} min "

@@ -36,11 +36,10 @@ class FrameLoop:
     record of the rows it holds (its prefix). ``length``, ``rows``, ``prefill`` and ``frames`` without a
     slot mean slot 0 (the one slot of a single-stream engine)."""
 
-    def __init__(self, model: Any, max_seq_len: int, slots: int = 1) -> None:
+    def __init__(self, model: Any, max_seq_len: int, slots: int) -> None:
         cfg = model.config
         self.num_codebooks = cfg.num_codebooks
         self.vocab = cfg.vocab_size
-        self.max_seq_len = max_seq_len
         self.slots = slots
         backbone, depth = model.backbone_model, model.depth_decoder.model
         # Step 1: the two transformers with static caches (the depth decoder needs K + 1 positions). The
