@@ -48,11 +48,14 @@ def reference(tiny_engine: Engine, speech_24k) -> list[Segment]:
 
 class Perturbing:
     """A compiler whose ``feed`` piece scales the backbone's hidden state by ``1 + scale`` (a fused step a
-    little, or very, wrong); with ``wrong_code``, the codebook piece also picks the next code up."""
+    little, or very, wrong); with ``wrong_code``, the codebook piece also picks the next code up (in every
+    frame, or only in the frames numbered in ``wrong_frames``: 0 is the warm-up, 1 the first frame checked)."""
 
-    def __init__(self, scale: float = 0.0, wrong_code: bool = False, raising: bool = False) -> None:
-        self.scale, self.wrong_code, self.raising = scale, wrong_code, raising
+    def __init__(self, scale: float = 0.0, wrong_code: bool = False, raising: bool = False,
+                 wrong_frames: tuple[int, ...] | None = None) -> None:  # fmt: skip
+        self.scale, self.wrong_code, self.raising, self.wrong_frames = scale, wrong_code, raising, wrong_frames
         self.compiled: list[str] = []
+        self.frame = -1  # frames run compiled so far, less one (counted at each ``first`` piece)
 
     def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         name = fn.__name__
@@ -62,9 +65,11 @@ class Perturbing:
 
         def piece(*args: Any) -> Any:
             out = fn(*args)
+            if name == "_first":
+                self.frame += 1
             if name == "_feed":  # (codes, frame, hidden, pos): the hidden state it wrote, scaled
                 args[2].mul_(1 + self.scale)
-            if name == "_codebook" and self.wrong_code:
+            if name == "_codebook" and self.wrong_code and self.frame in (self.wrong_frames or (self.frame,)):
                 code, h = out
                 return (code + 1) % 2048, h
             return out
@@ -146,7 +151,8 @@ def test_a_fused_step_within_tolerance_stays_on(tiny_engine: Engine, reference) 
     assert fusion.off is None and codes.shape == (engine.num_codebooks, GREEDY.max_frames)
 
 
-@pytest.mark.parametrize("wrong", [{"scale": 1e-3}, {"wrong_code": True}], ids=["hidden-off", "wrong-code"])
+@pytest.mark.parametrize("wrong", [{"scale": 1e-3}, {"wrong_code": True}, {"wrong_code": True, "wrong_frames": (1,)}],
+                         ids=["hidden-off", "wrong-code", "wrong-code-in-the-first-frame-only"])
 def test_a_fused_step_beyond_tolerance_turns_fusion_off_and_codes_are_eager(
     tiny_engine: Engine, reference, caplog: pytest.LogCaptureFixture, wrong: dict[str, Any]
 ) -> None:
