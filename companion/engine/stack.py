@@ -57,7 +57,7 @@ class DecoderStack:
     ``start .. start + n - 1``, keeping keys and values in caches `(rows, Hkv, max_len, D)` per layer:
     one cache row per stream (a slot; row 0 when there is one stream)."""
 
-    def __init__(self, layers: Any, norm: Any, rotary: Any, config: Any, max_len: int, rows: int = 1) -> None:
+    def __init__(self, layers: Any, norm: Any, rotary: Any, config: Any, max_len: int, rows: int) -> None:
         first = layers[0].self_attn
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
@@ -66,10 +66,8 @@ class DecoderStack:
         self.eps = norm.variance_epsilon
         self.norm = norm.weight.detach()
         self.layers = [fuse_layer(layer) for layer in layers]
-        self.max_len = max_len
         weight = self.norm
         # Step 1: static caches, one pair per layer, one row per slot.
-        self.rows = rows
         shape = (rows, self.kv_heads, max_len, self.head_dim)
         self.keys = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in self.layers]
         self.values = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in self.layers]
@@ -117,8 +115,6 @@ class DecoderStack:
         A row whose start is None is padding: nothing of it is written to the cache and its output is
         meaningless. Each real row attends over its own live prefix, exactly as ``forward`` does for one
         row; the products over the rows are one call (the weights are read once for every stream)."""
-        if len(starts) == 1 and starts[0] is not None:
-            return self.forward(x, starts[0])
         live = [(b, p) for b, p in enumerate(starts) if p is not None]
         at = [p if p is not None else 0 for p in starts]
         index = torch.tensor(at, device=x.device)
