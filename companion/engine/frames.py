@@ -95,7 +95,7 @@ class FrameLoop:
 
     # ---- prompt ---------------------------------------------------------------------------------
 
-    def reusable_prefix(self, rows: torch.Tensor, slot: int = 0) -> int:
+    def reusable_prefix(self, rows: torch.Tensor, slot: int) -> int:
         """How many leading positions of `(P, K + 1)` ``rows`` (on the model's device) ``slot``'s cache
         already holds: at most P - 1, since the last position's hidden state is needed to start generating."""
         return min(common_prefix(self.rows_of(slot), rows), len(rows) - 1)
