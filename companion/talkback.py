@@ -134,7 +134,10 @@ class SpokenReply:
         except Exception as err:  # a bug, not the server: still one line, and the turn ends
             last = CompanionError(f"unexpected {type(err).__name__} while reading the reply: {err}")
         finally:
-            getattr(pieces, "close", lambda: None)()  # hangs up when stopped early
+            try:
+                getattr(pieces, "close", lambda: None)()  # hangs up when stopped early
+            except Exception:  # noqa: BLE001 - hanging up failed: nothing more is read either way
+                pass
             self._sentences.put(last)
 
     def _stopped(self) -> bool:
