@@ -106,6 +106,23 @@ def chunks(n: int, closed: list[bool], *, at: int | None = None, then: Callable[
     return speak
 
 
+class Reply:
+    """A reply that is not a generator: only an explicit close() closes it (dropping it does not)."""
+
+    def __init__(self, n: int, cancel: threading.Event) -> None:
+        self.chunks = iter([np.full(2400, i, np.float32) for i in range(n)])
+        self.cancel, self.closed = cancel, False
+
+    def __iter__(self) -> Reply:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        return next(self.chunks)
+
+    def close(self) -> None:
+        self.closed = True
+
+
 # ---- the queue: capacity, conversations, order -----------------------------------------------------
 
 
@@ -254,16 +271,54 @@ def test_a_reply_with_no_audio_observes_no_speed(loop: EventLoop, make_worker) -
     assert job.engine_first_audio_ms is None
 
 
-def test_a_cancel_inside_a_reply_stops_it_at_the_next_chunk(loop: EventLoop, make_worker) -> None:
+def test_a_cancel_inside_a_reply_stops_it_at_the_next_chunk(loop: EventLoop, make_worker, caplog) -> None:
     worker, closed = make_worker(slots=1), []
     job = loop.job()
     job.speak = chunks(6, closed, at=2, then=job.stop)  # the client leaves while chunk 2 is generated
-    worker.submit(job)
-    events = loop.events(job)
+    with caplog.at_level(logging.INFO, logger="companion.serve"):
+        worker.submit(job)
+        events = loop.events(job)
     assert [kind for kind, _ in events] == ["audio"] * 3 + ["end"]  # chunk 2 was made: it is sent, no more
     m = worker.metrics
     assert (job.emitted, m.chunks, m.cancelled, m.audio_seconds, m.rtf.count) == (3, 3, 1, 0, 0)
     assert closed == [True]  # the generator was closed: the session puts back what it pruned
+    assert [r.getMessage() for r in caplog.records] == ["generation stopped after 0.3 s of audio (the client hung up)"]
+
+
+def test_the_reply_is_asked_with_the_jobs_cancel_and_closed_when_stopped(loop: EventLoop, make_worker) -> None:
+    worker = make_worker(slots=1)
+    job, replies = loop.job(), []
+    job.speak = lambda cancel: replies.append(Reply(4, cancel)) or replies[-1]
+    with worker.gate:
+        worker.submit(job)
+        wait_for(lambda: worker.streams == 1)
+        job.stop()
+    assert loop.events(job) == [("end", None)]
+    assert replies[0].cancel is job.cancel and replies[0].closed  # closed, not just dropped
+    whole = loop.job()
+    whole.speak = lambda cancel: replies.append(Reply(2, cancel)) or replies[-1]
+    worker.submit(whole)
+    assert [kind for kind, _ in loop.events(whole)] == ["audio", "audio", "end"] and replies[1].closed
+
+
+def test_a_reply_without_close_is_served(loop: EventLoop, make_worker) -> None:
+    worker = make_worker(slots=1)
+    job = loop.job(speak=lambda cancel: iter([np.zeros(2400, np.float32)]))
+    worker.submit(job)
+    assert [kind for kind, _ in loop.events(job)] == ["audio", "end"]
+
+
+def test_holding_the_end_keeps_a_finished_reply_in_its_place(loop: EventLoop, make_worker) -> None:
+    worker, closed = make_worker(capacity=0, slots=1), []
+    job = loop.job(speak=chunks(2, closed))
+    with worker.ending:
+        worker.submit(job)
+        assert [loop.next_event(job)[0] for _ in range(2)] == ["audio", "audio"]
+        wait_for(lambda: closed == [True])  # the reply was generated to its end ...
+        assert worker.generating == 1  # ... but has not ended: its place is still taken
+        with pytest.raises(QueueFull):
+            worker.submit(loop.job(action=lambda: "waits"))
+    assert loop.next_event(job) == ("end", None)
 
 
 def test_a_failure_is_reported_to_its_client_and_the_next_job_is_served(loop: EventLoop, make_worker, caplog) -> None:
@@ -301,6 +356,7 @@ def test_all_sent_waits_for_the_client_to_take_every_chunk(loop: EventLoop) -> N
     assert job.all_sent(0) is True  # nothing emitted: nothing to wait for
     job.emitted = 2
     job.mark_sent()
+    assert job.sent == 1
     answer: list[bool] = []
     waiter = threading.Thread(target=lambda: answer.append(job.all_sent(HANG_LIMIT_S)))
     waiter.start()
@@ -309,13 +365,16 @@ def test_all_sent_waits_for_the_client_to_take_every_chunk(loop: EventLoop) -> N
     assert answer == [True] and not job.cancel.is_set()
 
 
-def test_a_client_that_does_not_take_its_audio_is_cut_off(loop: EventLoop) -> None:
+@pytest.mark.parametrize("limit", [0.0, 0.05])
+def test_a_client_that_does_not_take_its_audio_is_cut_off(loop: EventLoop, limit: float, caplog) -> None:
     job = loop.job()
     job.emitted, job.sent = 3, 2
-    assert job.all_sent(0) is False  # no time left: the reply is cut
+    with caplog.at_level(logging.WARNING, logger="companion.serve"):
+        assert job.all_sent(limit) is False  # nobody takes the last chunk: once the time is up, the reply is cut
     assert job.cancel.is_set()
     kind, err = loop.next_event(job)
     assert kind == "error" and str(err) == "the client did not take the audio in time"
+    assert [r.getMessage() for r in caplog.records] == ["a client took more than 0 s to take its audio: its reply is stopped"]
 
 
 def test_a_cancelled_job_is_not_all_sent(loop: EventLoop) -> None:
@@ -360,9 +419,19 @@ def test_stopping_cancels_what_runs_and_what_waits_and_refuses_new_jobs(loop: Ev
         worker.submit(loop.job(action=lambda: "late"))
 
 
-def test_a_worker_has_at_least_one_thread() -> None:
-    worker = SpeechWorker(1, Metrics(), lambda: None, slots=0)
-    try:
-        assert worker.slots == 1 and len(worker._threads) == 1
-    finally:
-        worker.stop(HANG_LIMIT_S)
+def test_a_worker_has_at_least_one_thread_and_each_is_named(make_worker) -> None:
+    assert len(make_worker(slots=0)._threads) == 1
+    threads = make_worker(slots=2)._threads
+    assert [t.name for t in threads] == ["companion-speech-1", "companion-speech-2"]
+    assert all(t.daemon for t in threads)  # a reply stuck in the engine cannot keep the server from exiting
+
+
+def test_stopping_waits_for_a_stuck_thread_no_longer_than_asked(loop: EventLoop) -> None:
+    worker, ran = SpeechWorker(1, Metrics(), lambda: None, slots=1), []
+    stuck = Holding("stuck", ran)
+    worker.submit(loop.job(action=stuck))
+    assert stuck.started.wait(HANG_LIMIT_S)
+    worker.stop(0.01)  # returns although the thread is still inside its job
+    assert worker._threads[0].is_alive()
+    stuck.release.set()
+    worker._threads[0].join(HANG_LIMIT_S)

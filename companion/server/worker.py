@@ -106,7 +106,7 @@ class Job:
 
 class SpeechWorker:
     def __init__(self, capacity: int, metrics: Metrics, first_audio_ms: Callable[[], float | None],
-                 slots: int = 1) -> None:
+                 slots: int) -> None:
         self.capacity = capacity
         self.slots = max(1, slots)
         self.metrics = metrics
