@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
@@ -104,80 +104,96 @@ def create_app(settings: Settings, api_key: str | None = None, on_fatal: Callabl
 
     app.add_middleware(RequestMetrics, metrics=state.metrics)
 
-    auth = [Depends(_caller)]
-
-    @app.get("/health")
-    async def health(request: Request) -> JSONResponse:
-        status = "ready" if state.ready.is_set() else "failed" if state.failure else "loading"
-        body: dict[str, Any] = {"status": status}
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if state.needs_key() and scheme.lower() == "bearer" and state.identify(token.strip()) is not None:
-            body["model"] = settings.model.id  # the model (maybe a local path) only for a known key
-        return JSONResponse(body, status_code=200 if status == "ready" else 503)
-
-    @app.get("/metrics", dependencies=auth)
-    async def metrics() -> PlainTextResponse:
-        w = state.worker
-        refused = (state.refusals.over_cap, state.refusals.slow_headers)
-        text = state.metrics.render(w.depth if w else 0, w.generating if w else 0, state.ready.is_set(), refused,
-                                    state.streams())
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
-
-    @app.get("/v1/models", dependencies=auth)
-    async def models() -> dict[str, Any]:
-        name = settings.serve.model_name
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "companion"}]}
-
-    @app.get("/v1/audio/voices", dependencies=auth)
-    def voices() -> dict[str, Any]:
-        return {"object": "list", "data": _voice_list(_ready(state))}
-
-    @app.post("/v1/audio/speech")
-    async def speech(body: SpeechRequest, request: Request, who: Who) -> Response:
-        received = time.perf_counter()
-        text, voice, fmt = _check(body, settings)
-        _ready(state)
-        voice = _resolve_voice(state, voice)  # profiles are re-read only when a file changed: a few stat calls
-        _check_speech(state, text)
-        conversations, conversation = state.conversations, body.conversation
-        job = Job(asyncio.get_running_loop(), key=(who.namespace, conversation) if conversation is not None else None)
-        job.speak = lambda cancel: conversations.speak(text, voice, conversation, cancel, who.namespace, job.all_sent)
-        try:
-            first = await _start(state, job, request)
-        except ClientGone:
-            return Response(status_code=CLIENT_GONE)
-        if first[0] == "error":
-            raise _generation_error(state, first[1])
-        stream = _audio_events(state, job, request, first, fmt, body.stream_format == "sse", received, len(text))
-        if body.stream_format == "sse":
-            return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return StreamingResponse(stream, media_type=CONTENT_TYPES[fmt])
-
-    @app.get("/v1/conversations/{conversation}", response_model=None)
-    async def describe(conversation: str, request: Request, who: Who) -> Any:
-        _check_conversation(conversation)
-        try:
-            found = await _act(state, request, lambda: state.conversations.describe(conversation, who.namespace),
-                               (who.namespace, conversation))
-        except ClientGone:
-            return Response(status_code=CLIENT_GONE)
-        if found is None:
-            raise APIError(404, f"no conversation '{conversation}'", param="conversation")
-        return found
-
-    @app.delete("/v1/conversations/{conversation}", response_model=None)
-    async def clear(conversation: str, request: Request, who: Who) -> Any:
-        _check_conversation(conversation)
-        try:
-            cleared = await _act(state, request, lambda: state.conversations.clear(conversation, who.namespace),
-                                 (who.namespace, conversation))
-        except ClientGone:
-            return Response(status_code=CLIENT_GONE)
-        if not cleared:
-            raise APIError(404, f"no conversation '{conversation}'", param="conversation")
-        return {"id": conversation, "object": "conversation.cleared", "cleared": True}
-
+    app.router.routes.extend(routes.routes)  # the routes themselves, not a router in a router: 405 lists their methods
     return app
+
+
+# ---- routes: the state is the app's (request.app.state.companion) -------------------------------------
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.companion  # type: ignore[no-any-return]
+
+
+routes = APIRouter()
+AUTH = [Depends(_caller)]
+
+
+@routes.get("/health")
+async def health(request: Request) -> JSONResponse:
+    state = _state(request)
+    status = "ready" if state.ready.is_set() else "failed" if state.failure else "loading"
+    body: dict[str, Any] = {"status": status}
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if state.needs_key() and scheme.lower() == "bearer" and state.identify(token.strip()) is not None:
+        body["model"] = state.settings.model.id  # the model (maybe a local path) only for a known key
+    return JSONResponse(body, status_code=200 if status == "ready" else 503)
+
+@routes.get("/metrics", dependencies=AUTH)
+async def metrics(request: Request) -> PlainTextResponse:
+    state = _state(request)
+    w = state.worker
+    refused = (state.refusals.over_cap, state.refusals.slow_headers)
+    text = state.metrics.render(w.depth if w else 0, w.generating if w else 0, state.ready.is_set(), refused,
+                                state.streams())
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+@routes.get("/v1/models", dependencies=AUTH)
+async def models(request: Request) -> dict[str, Any]:
+    name = _state(request).settings.serve.model_name
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "companion"}]}
+
+@routes.get("/v1/audio/voices", dependencies=AUTH)
+def voices(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": _voice_list(_ready(_state(request)))}
+
+@routes.post("/v1/audio/speech")
+async def speech(body: SpeechRequest, request: Request, who: Who) -> Response:
+    received = time.perf_counter()
+    state = _state(request)
+    text, voice, fmt = _check(body, state.settings)
+    _ready(state)
+    voice = _resolve_voice(state, voice)  # profiles are re-read only when a file changed: a few stat calls
+    _check_speech(state, text)
+    conversations, conversation = state.conversations, body.conversation
+    job = Job(asyncio.get_running_loop(), key=(who.namespace, conversation) if conversation is not None else None)
+    job.speak = lambda cancel: conversations.speak(text, voice, conversation, cancel, who.namespace, job.all_sent)
+    try:
+        first = await _start(state, job, request)
+    except ClientGone:
+        return Response(status_code=CLIENT_GONE)
+    if first[0] == "error":
+        raise _generation_error(state, first[1])
+    stream = _audio_events(state, job, request, first, fmt, body.stream_format == "sse", received, len(text))
+    if body.stream_format == "sse":
+        return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(stream, media_type=CONTENT_TYPES[fmt])
+
+@routes.get("/v1/conversations/{conversation}", response_model=None)
+async def describe(conversation: str, request: Request, who: Who) -> Any:
+    state = _state(request)
+    _check_conversation(conversation)
+    try:
+        found = await _act(state, request, lambda: state.conversations.describe(conversation, who.namespace),
+                           (who.namespace, conversation))
+    except ClientGone:
+        return Response(status_code=CLIENT_GONE)
+    if found is None:
+        raise APIError(404, f"no conversation '{conversation}'", param="conversation")
+    return found
+
+@routes.delete("/v1/conversations/{conversation}", response_model=None)
+async def clear(conversation: str, request: Request, who: Who) -> Any:
+    state = _state(request)
+    _check_conversation(conversation)
+    try:
+        cleared = await _act(state, request, lambda: state.conversations.clear(conversation, who.namespace),
+                             (who.namespace, conversation))
+    except ClientGone:
+        return Response(status_code=CLIENT_GONE)
+    if not cleared:
+        raise APIError(404, f"no conversation '{conversation}'", param="conversation")
+    return {"id": conversation, "object": "conversation.cleared", "cleared": True}
 
 
 # ---- checks ---------------------------------------------------------------------------------------
