@@ -126,3 +126,73 @@ def test_rows_and_drift_as_the_report_shows_them(speech_24k) -> None:
     one = drift(rows[:1], refs)[0]
     assert one.slope is None and one.as_dict()["slope_per_turn"] is None and one.as_dict()["mean"] == round(s2, 4)
     assert drift([rows[2]], refs)[0].as_dict()["mean"] is None
+
+
+def test_a_band_limited_reference_marks_every_score(speech_24k, data_dir) -> None:
+    """From a profile's two recordings or from the command's one: the reference's band limit reaches the
+    scores, and the source names each file."""
+    from companion.eval.clips import load_clip
+    from companion.voices import VoiceProfile, VoiceStore
+
+    audio, decode = recordings(speech_24k)
+    narrow = str(data_dir / "narrator_8k_u8.wav")
+    profiles = VoiceStore()
+    profiles.add(VoiceProfile(name="phone", audio=[narrow, narrow], transcript="On the phone."))
+    override = load_clip(narrow)
+    assert override.band_limited is not None
+    turns = [TurnRecord("phone", 0, "How are you?", codes(2), seq=1)]
+    for refs in (references(["phone"], [], decode, RATE, profiles=profiles),
+                 references(["phone"], [], decode, RATE, override=override)):
+        ref = refs["phone"]
+        assert ref.voice == "phone" and ref.band_limited == override.band_limited and ref.problem is None
+        (row,) = score_turns(turns, refs, decode, RATE)
+        assert row.score is not None and row.score.band_limited == f"the reference: {override.band_limited}"
+    assert references(["phone"], [], decode, RATE, profiles=profiles)["phone"].source == f"{narrow}, {narrow}"
+
+
+def test_the_profiles_given_are_the_ones_read(speech_24k, data_dir, tmp_path) -> None:
+    from companion.voices import VoiceStore
+
+    audio, decode = recordings(speech_24k)
+    (tmp_path / "guest.yaml").write_text(f"name: guest\naudio: {data_dir / 'guest.mp3'}\ntranscript: Hello.\n")
+    elsewhere = VoiceStore(shipped_dir=tmp_path)
+    ref = references(["guest"], [], decode, RATE, profiles=elsewhere)["guest"]
+    assert ref.source == str(data_dir / "guest.mp3") and ref.embedding is not None
+    assert references(["guest"], [], decode, RATE)["guest"].source == "none"  # the user's own profiles: none
+
+
+def test_a_reference_that_cannot_be_measured_says_which_and_why(speech_24k, data_dir) -> None:
+    from companion.store import VoiceRecord
+    from companion.voices import VoiceProfile, VoiceStore
+
+    audio, decode = recordings(speech_24k)
+    silent = str(data_dir / "silence.wav")
+    profiles = VoiceStore()
+    profiles.add(VoiceProfile(name="quiet", audio=[silent], transcript="..."))
+    refs = references(["quiet", "short"], [VoiceRecord("short", 2, "t", codes(5))], decode, RATE, profiles=profiles)
+    assert refs["quiet"] == Reference("quiet", silent, problem=f"reference {silent}: quiet: contains only silence: "
+                                                               "there is no voice in it to measure")  # fmt: skip
+    short = refs["short"]
+    assert (short.voice, short.source) == ("short", "the reference stored with the conversation")
+    assert short.problem is not None and short.problem.startswith(
+        "reference the reference stored with the conversation: short: too short to measure (")
+    turns = [TurnRecord("quiet", 0, "Hello.", codes(2), seq=3), TurnRecord("short", 2, "Hi.", codes(1), seq=4)]
+    rows = score_turns(turns, refs, decode, RATE)
+    assert [r.problem for r in rows] == [refs["quiet"].problem, short.problem]
+
+
+def test_a_turn_too_short_says_why_without_naming_itself_twice(speech_24k) -> None:
+    audio, decode = recordings(speech_24k)
+    clip = clip_from_samples("guest", audio[1], RATE)
+    refs = {"guest": Reference("guest", "g.wav", embed(clip), None)}
+    (row,) = score_turns([TurnRecord("guest", 0, "Hm.", codes(5), seq=7)], refs, decode, RATE)
+    assert row.problem is not None and row.problem.startswith("too short to measure (0.")
+    assert row.problem.endswith("s of speech, at least 1 s needed): use a longer clip")
+
+
+def test_the_report_rounds_seconds_to_hundredths_and_the_slope_to_five_places() -> None:
+    from companion.eval.conversation import Drift, TurnScore
+
+    assert TurnScore(1, "v", "t", 1.23456, None).as_dict()["seconds"] == 1.23
+    d = Drift("v", "r", turns=[1, 2], scores=[0.1, 0.1234567])
+    assert d.as_dict()["slope_per_turn"] == 0.02346 and d.as_dict()["mean"] == 0.1117
