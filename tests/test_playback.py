@@ -557,3 +557,74 @@ def test_without_a_device_the_fallback_keeps_the_sample_rate(monkeypatch: pytest
     output, warning = open_output(None, tmp_path, sample_rate=16000)
     assert isinstance(output, WavWriter) and output.sample_rate == 16000 and output.directory == tmp_path
     assert warning == f"no audio output ({warning.split('(', 1)[1].split(')')[0]}); replies are written as WAV files to {tmp_path}"
+
+
+# ---------------------------------------------------------------- shapes, short replies, defaults
+
+
+def test_a_reply_shorter_than_the_prebuffer_is_played_whole() -> None:
+    player = StandInPlayer()
+    sent = speechlike(0.1, seed=3)  # less than the 0.2 s minimum: playback starts once generation ends
+    report = player.play(paced(player, sent, 0.04), expected_seconds=0.1)
+    (device,) = player.devices
+    np.testing.assert_array_equal(device.audio(), np.concatenate([sent, tail(player)]))
+    assert report.prebuffered_s == pytest.approx(0.1) and report.seconds == pytest.approx(0.1)
+
+
+def test_an_empty_reply_opens_no_stream() -> None:
+    player = StandInPlayer()
+    report = player.play(iter([]), expected_seconds=1.0)
+    assert player.devices == [] and report.seconds == 0 and report.first_sound_s is None and not report.cancelled
+
+
+def test_chunks_of_any_shape_and_float_type_play_as_float32_samples(tmp_path: Path) -> None:
+    sent = speechlike(0.4, seed=4)
+    column = [c.astype(np.float64).reshape(-1, 1) for c in generated(sent)]  # (n, 1) float64 chunks
+    player = StandInPlayer()
+    player.play(iter(column), expected_seconds=0.4)
+    device = player.devices[0]
+    assert {p.dtype for p in device.pieces} == {np.dtype(np.float32)}
+    np.testing.assert_array_equal(device.audio(), np.concatenate([sent, tail(player)]))
+    report = WavWriter(tmp_path / "nested" / "audio").play(iter(column))  # folders made as needed
+    import soundfile
+
+    audio, _ = soundfile.read(str(report.path), dtype="float32")
+    np.testing.assert_allclose(audio, sent, atol=1 / 32767)
+    assert (report.underruns, report.cancelled) == (0, False)
+
+
+def test_the_default_player_buffers_200_ms_and_ends_with_100_ms_of_silence() -> None:
+    player = StandInPlayer()
+    assert player.tail.dtype == np.float32 and len(player.tail) == 2400  # 100 ms at 24 kHz
+    sent = speechlike(1.0, seed=5)
+    report = player.play(paced(player, sent, 0.01), expected_seconds=1.0)  # 8x real time
+    assert report.prebuffered_s == pytest.approx(0.24)  # the first chunk boundary at or past 0.2 s
+    assert np.count_nonzero(player.devices[0].audio()[len(sent):]) == 0
+
+
+def test_the_generation_speed_is_measured_from_the_second_chunk() -> None:
+    """Two chunks are enough to know the speed: a 0.16 s reply at 2x real time starts before it ends."""
+    player = StandInPlayer(prebuffer_ms=40)
+    sent = speechlike(0.24, seed=6)
+    report = player.play(paced(player, sent, 0.04), expected_seconds=0.24)
+    assert report.prebuffered_s == pytest.approx(0.16)
+
+
+def test_a_speed_exactly_at_the_safety_margin_starts_at_the_minimum() -> None:
+    assert Prebuffer(minimum_s=0.2, safety=1.25).threshold(10.0, 1.25) == 0.2
+    assert Prebuffer(minimum_s=0.2, safety=1.25).threshold(10.0, 1.2) > 0.2
+
+
+def test_the_writer_is_a_named_daemon_thread() -> None:
+    player = StandInPlayer(hold_at=2)
+    sent = speechlike(1.2, seed=9)
+    done = threading.Thread(target=player.play, args=(generated(sent),), kwargs={"expected_seconds": 1.2})
+    done.start()
+    wait = time.monotonic() + 60
+    while not player.devices or not player.devices[0].held.is_set():
+        assert time.monotonic() < wait
+        time.sleep(0.002)
+    (writer,) = [t for t in threading.enumerate() if t.name == "companion-audio-writer"]
+    assert writer.daemon  # a device that never returns cannot keep the program from exiting
+    player.devices[0].released.set()
+    done.join(60)
