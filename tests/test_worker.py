@@ -245,15 +245,17 @@ def test_a_whole_reply_counts_its_chunks_seconds_and_first_audio(loop: EventLoop
     times = iter([120.0, 130.0, 140.0, 150.0])
     worker, closed = make_worker(slots=1, first_audio_ms=lambda: next(times)), []
     job = loop.job(speak=chunks(4, closed))
+    before = time.perf_counter()
     worker.submit(job)
     events = loop.events(job)
+    took = time.perf_counter() - before
     assert [kind for kind, _ in events] == ["audio"] * 4 + ["end"]
     assert [float(chunk[0]) for _, chunk in events[:4]] == [0, 1, 2, 3]
     m = worker.metrics
     assert (job.emitted, m.chunks, m.audio_seconds, m.cancelled) == (4, 4, pytest.approx(0.4), 0)
     assert job.engine_first_audio_ms == 120.0  # asked at the first chunk only
     assert (m.engine_first_audio.count, m.engine_first_audio.sum) == (1, pytest.approx(0.12))
-    assert m.rtf.count == 1 and closed == [True]
+    assert m.rtf.count == 1 and 0 < m.rtf.sum <= took / 0.4 and closed == [True]  # generation time / audio time
     again = loop.job(speak=chunks(2, closed))
     worker.submit(again)
     loop.events(again)
