@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,10 @@ from companion.config import Settings, load_settings
 from companion.errors import CompanionError
 from companion.server.app import (
     ClientGone,
+    SpeechRequest,
+    _act,
     _audio_events,
+    _check,
     _check_speech,
     _generation_error,
     _resolve_voice,
@@ -30,7 +34,7 @@ from companion.server.app import (
     _voice_list,
     create_app,
 )
-from companion.server.encoders import FORMATS, to_pcm16
+from companion.server.encoders import FORMATS, make_encoder, to_pcm16
 from companion.server.errors import APIError
 from companion.server.metrics import Metrics
 from companion.server.worker import Job, SpeechWorker
@@ -170,8 +174,8 @@ class State:
 
 def voice_store(tmp: Path, data_dir: Path) -> VoiceStore:
     store = VoiceStore(shipped_dir=tmp / "none")
-    shutil.copy(data_dir / "short.wav", tmp / "short.wav")
-    store.add(VoiceProfile(name="alice", audio=[str(tmp / "short.wav"), str(tmp / "short.wav")], transcript="Hi.", speaker=2))
+    shutil.copy(data_dir / "guest_16k.wav", tmp / "guest.wav")
+    store.add(VoiceProfile(name="alice", audio=[str(tmp / "guest.wav"), str(tmp / "guest.wav")], transcript="Hi.", speaker=2))
     store.add(VoiceProfile(name="bob", speaker=1))
     store.add(VoiceProfile(name="carol", audio=[str(tmp / "gone.wav")], transcript="Gone."))
     return store
@@ -181,7 +185,8 @@ def test_the_voice_list_has_the_default_and_each_profile_with_its_reference_leng
     import soundfile as sf
 
     state = State(voice_store(tmp_path, data_dir))
-    seconds = round(2 * sf.info(str(data_dir / "short.wav")).duration, 2)
+    seconds = round(2 * sf.info(str(data_dir / "guest_16k.wav")).duration, 2)
+    assert seconds == 39.72  # hundredths: 39.716... rounded
     assert _voice_list(state) == [  # type: ignore[arg-type]
         {"id": "default", "name": "default", "speaker": 0, "reference_seconds": None},
         {"id": "alice", "name": "alice", "speaker": 2, "reference_seconds": seconds},
@@ -253,12 +258,12 @@ def test_what_generation_reports_becomes_its_answer(err, status, code, message, 
 
 
 class Waiting:
-    """A server state with a real worker (one thread) and the settings."""
+    """A server state with a real worker and the settings."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, slots: int = 1) -> None:
         self.settings = settings_for_test()
         self.metrics = Metrics()
-        self.worker = SpeechWorker(capacity, self.metrics, lambda: None, slots=1)
+        self.worker = SpeechWorker(capacity, self.metrics, lambda: None, slots=slots)
 
 
 class Request:
@@ -301,7 +306,9 @@ def test_start_gives_the_first_event_or_withdraws_a_job_whose_client_left() -> N
     async def run() -> tuple[Any, Job, bool]:
         loop = asyncio.get_running_loop()
         first = await _start(state, Job(loop, action=lambda: "done"), Request())  # type: ignore[arg-type]
-        state.worker.submit(Job(loop, action=lambda: release.wait(60)))  # holds the one thread
+        started = threading.Event()
+        state.worker.submit(Job(loop, action=lambda: (started.set(), release.wait(60))))  # holds the one thread
+        assert await asyncio.to_thread(started.wait, 60)
         leaving, request = Job(loop, action=lambda: "never"), Request()
         task = asyncio.ensure_future(_start(state, leaving, request))  # type: ignore[arg-type]
         await asyncio.sleep(0)
@@ -331,8 +338,10 @@ class Stays:
 
 
 def body(events: list[tuple[str, Any]], sse: bool, fmt: str = "pcm") -> tuple[list[Any], Job, Counting]:
-    """The response body for a job whose worker produced ``events`` (the first handed over as ``first``)."""
+    """The response body for a job whose worker produced ``events`` (the first handed over as ``first``);
+    the request arrived when this is called."""
     state = Counting()
+    received = time.perf_counter()
 
     async def run() -> tuple[list[Any], Job]:
         job = Job(asyncio.get_running_loop())
@@ -340,7 +349,7 @@ def body(events: list[tuple[str, Any]], sse: bool, fmt: str = "pcm") -> tuple[li
             job.events.put_nowait(event)
         out: list[Any] = []
         try:
-            async for data in _audio_events(state, job, Stays(), events[0], fmt, sse, 0.0, 12):  # type: ignore[arg-type]
+            async for data in _audio_events(state, job, Stays(), events[0], fmt, sse, received, 12):  # type: ignore[arg-type]
                 out.append(data)
         except RuntimeError as err:
             out.append(err)
@@ -397,5 +406,75 @@ def test_an_empty_reply_sends_nothing_and_counts_no_first_byte() -> None:
 
 
 def test_a_wav_reply_counts_its_first_byte_once() -> None:
+    start = time.perf_counter()
     out, job, state = body([("audio", chunk(0)), ("audio", chunk(1)), ("end", None)], sse=False, fmt="wav")
+    took = time.perf_counter() - start
     assert b"".join(out).startswith(b"RIFF") and state.metrics.ttfb.count == 1 and job.sent == 2
+    assert 0 <= state.metrics.ttfb.sum <= took  # from the request's arrival to its first bytes
+
+
+def test_an_encoder_that_holds_audio_sends_it_at_the_end() -> None:
+    audio = [np.sin(np.arange(24000, dtype=np.float32) * 0.05 * (i + 1)) * 0.3 for i in range(2)]
+    encoder = make_encoder("mp3")
+    expected = encoder.add(audio[0]) + encoder.add(audio[1]) + encoder.finish()
+    out, _, _ = body([("audio", audio[0]), ("audio", audio[1]), ("end", None)], sse=False, fmt="mp3")
+    assert b"".join(out) == expected
+
+
+def test_a_voice_given_as_an_object_is_its_id() -> None:
+    request = SpeechRequest(input="Hi.", voice={"id": "alice"}, response_format="FLAC")
+    assert _check(request, settings_for_test()) == ("Hi.", "alice", "flac")
+
+
+def test_docs_pages_are_not_served() -> None:
+    c = client()
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert c.get(path).status_code == 404
+
+
+def test_cors_answers_only_the_configured_origins() -> None:
+    settings = load_settings(overrides={"serve": {"cors_origins": ["https://app.example"]}})
+    c = TestClient(create_app(settings), raise_server_exceptions=False)
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-custom"}
+    ok = c.options("/v1/audio/speech", headers={"Origin": "https://app.example", **preflight})
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://app.example"
+    assert "POST" in ok.headers["access-control-allow-methods"] and ok.headers["access-control-allow-headers"] == "x-custom"
+    other = c.options("/v1/audio/speech", headers={"Origin": "https://evil.example", **preflight})
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_a_model_that_cannot_load_is_reported_once_through_on_fatal(tmp_path: Path) -> None:
+    settings = load_settings(overrides={"model": {"id": str(tmp_path / "no-model-here"), "device": "cpu"}})
+    told: list[str] = []
+    app = create_app(settings, on_fatal=told.append)
+    with TestClient(app, raise_server_exceptions=False):
+        pass  # the lifespan loads (and fails), then joins the loader
+    state = app.state.companion
+    assert state.failure is not None and told == [state.failure] and not state.ready.is_set()
+
+
+def test_an_action_runs_after_its_conversations_earlier_jobs_and_reports_failures() -> None:
+    state, release, ran = Waiting(capacity=2, slots=2), threading.Event(), []
+    state.ready, state.failure = threading.Event(), None
+    state.ready.set()
+
+    async def run() -> tuple[Any, APIError]:
+        loop = asyncio.get_running_loop()
+        state.worker.submit(Job(loop, key=("", "c"), action=lambda: (release.wait(60), ran.append("first"))))
+        later = asyncio.ensure_future(_act(state, Request(), lambda: ran.append("second") or "answer", ("", "c")))  # type: ignore[arg-type]
+        while not (state.worker.generating >= 1 and state.worker.depth + state.worker.generating == 2):
+            await asyncio.sleep(0.001)  # both accepted and the first running (counts, not a time)
+        assert state.worker.depth == 1 and ran == []  # a thread is free, but its conversation is busy
+        release.set()
+        value = await later
+        try:
+            await _act(state, Request(), lambda: (_ for _ in ()).throw(CompanionError("it broke")), ("", "d"))  # type: ignore[arg-type]
+        except APIError as err:
+            return value, err
+        raise AssertionError("no error")
+
+    value, err = asyncio.run(run())
+    state.worker.stop(60)
+    assert value == "answer" and ran == ["first", "second"]
+    assert (err.status, err.code, err.message) == (500, "generation_failed", "it broke")
+    assert state.metrics.errors["generation"] == 1
