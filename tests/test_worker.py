@@ -194,11 +194,17 @@ def test_jobs_start_in_the_order_accepted_as_their_conversations_allow(loop: Eve
 # ---- leaving the queue ----------------------------------------------------------------------------
 
 
-def test_a_withdrawn_job_leaves_at_once_and_its_place_is_free(loop: EventLoop, make_worker) -> None:
-    worker, ran = make_worker(capacity=1, slots=1), []
+def busy_worker(loop: EventLoop, make_worker, capacity: int) -> tuple[SpeechWorker, list[str], Holding]:  # noqa: ANN001
+    """A one-thread worker whose thread is inside a job the test lets go (``busy.release``)."""
+    worker, ran = make_worker(capacity=capacity, slots=1), []
     busy = Holding("busy", ran)
     worker.submit(loop.job(action=busy))
     assert busy.started.wait(HANG_LIMIT_S)
+    return worker, ran, busy
+
+
+def test_a_withdrawn_job_leaves_at_once_and_its_place_is_free(loop: EventLoop, make_worker) -> None:
+    worker, ran, busy = busy_worker(loop, make_worker, capacity=1)
     leaving = loop.job(action=lambda: ran.append("withdrawn ran"))
     worker.submit(leaving)
     worker.withdraw(leaving)
@@ -211,10 +217,7 @@ def test_a_withdrawn_job_leaves_at_once_and_its_place_is_free(loop: EventLoop, m
 
 
 def test_a_job_cancelled_while_it_waits_is_skipped_with_one_error(loop: EventLoop, make_worker) -> None:
-    worker, ran = make_worker(capacity=2, slots=1), []
-    busy = Holding("busy", ran)
-    worker.submit(loop.job(action=busy))
-    assert busy.started.wait(HANG_LIMIT_S)
+    worker, ran, busy = busy_worker(loop, make_worker, capacity=2)
     skipped = loop.job(action=lambda: ran.append("skipped ran"))
     worker.submit(skipped)
     skipped.stop()  # the client left, but the job stays in the queue until a thread takes it

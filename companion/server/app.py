@@ -171,29 +171,26 @@ async def speech(body: SpeechRequest, request: Request, who: Who) -> Response:
 
 @routes.get("/v1/conversations/{conversation}", response_model=None)
 async def describe(conversation: str, request: Request, who: Who) -> Any:
-    state = _state(request)
-    _check_conversation(conversation)
-    try:
-        found = await _act(state, request, lambda: state.conversations.describe(conversation, who.namespace),
-                           (who.namespace, conversation))
-    except ClientGone:
-        return Response(status_code=CLIENT_GONE)
-    if found is None:
-        raise APIError(404, f"no conversation '{conversation}'", param="conversation")
-    return found
+    return await _on_conversation(request, who, conversation, lambda c: c.describe(conversation, who.namespace))
+
 
 @routes.delete("/v1/conversations/{conversation}", response_model=None)
 async def clear(conversation: str, request: Request, who: Who) -> Any:
+    done = await _on_conversation(request, who, conversation, lambda c: c.clear(conversation, who.namespace))
+    return done if isinstance(done, Response) else {"id": conversation, "object": "conversation.cleared", "cleared": True}
+
+
+async def _on_conversation(request: Request, who: Caller, conversation: str, act: Callable[[Any], Any]) -> Any:
+    """``act(conversations)`` in the conversation's queue order; 404 when it has nothing (None or False)."""
     state = _state(request)
     _check_conversation(conversation)
     try:
-        cleared = await _act(state, request, lambda: state.conversations.clear(conversation, who.namespace),
-                             (who.namespace, conversation))
+        found = await _act(state, request, lambda: act(state.conversations), (who.namespace, conversation))
     except ClientGone:
         return Response(status_code=CLIENT_GONE)
-    if not cleared:
+    if found is None or found is False:
         raise APIError(404, f"no conversation '{conversation}'", param="conversation")
-    return {"id": conversation, "object": "conversation.cleared", "cleared": True}
+    return found
 
 
 # ---- checks ---------------------------------------------------------------------------------------
