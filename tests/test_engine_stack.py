@@ -127,3 +127,13 @@ def test_a_layer_with_a_bias_is_refused(tiny_engine: Engine, linear: str) -> Non
     module.bias = torch.nn.Parameter(torch.zeros(module.weight.shape[0]))
     with pytest.raises(ValueError, match=r"^CSM layers with biases are not supported \(csm-1b has none\)$"):
         FrameLoop(model, 32, slots=1)
+
+
+def test_weights_pointed_elsewhere_are_fused_again(tiny_engine: Engine) -> None:
+    """A model whose q weight was replaced (here by the whole fused matrix: k and v no longer follow it)."""
+    model = copy.deepcopy(tiny_engine.model)
+    fused = FrameLoop(model, 32, slots=1).backbone.layers[0].w_qkv
+    attn = model.backbone_model.layers[0].self_attn
+    attn.q_proj.weight.data = fused
+    again = FrameLoop(model, 32, slots=1).backbone.layers[0].w_qkv
+    assert again.data_ptr() != fused.data_ptr() and len(again) == len(fused) + len(attn.k_proj.weight) * 2
