@@ -628,3 +628,54 @@ def test_the_writer_is_a_named_daemon_thread() -> None:
     assert writer.daemon  # a device that never returns cannot keep the program from exiting
     player.devices[0].released.set()
     done.join(60)
+
+
+class FailingDevice(Device):
+    """Fails at its third write, as a device unplugged while a reply plays."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.failed = threading.Event()
+
+    def write(self, data: np.ndarray) -> bool:
+        if len(self.pieces) == 2:
+            self.failed.set()
+            raise OSError("the device went away")
+        return super().write(data)
+
+
+class FailingPlayer(StandInPlayer):
+    def open_stream(self) -> Device:
+        self.devices.append(FailingDevice(self.underflow_at, self.hold_at))
+        return self.devices[-1]
+
+
+def test_a_device_that_fails_while_the_reply_is_generated_raises_its_error() -> None:
+    player = FailingPlayer()
+
+    def generating() -> Iterator[np.ndarray]:
+        for i, chunk in enumerate(generated(speechlike(2.0, seed=11))):
+            player.clock.advance(0.01)  # type: ignore[attr-defined]
+            if player.devices and i == 6:  # playing: wait until the writer has failed and ended
+                assert player.devices[0].failed.wait(60)
+                for t in [t for t in threading.enumerate() if t.name == "companion-audio-writer"]:
+                    t.join(60)
+            yield chunk
+
+    with pytest.raises(OSError, match="^the device went away$"):
+        player.play(generating(), expected_seconds=2.0)
+    assert player.devices[0].aborted and player.devices[0].closed
+
+
+def test_a_wav_reply_that_is_cancelled_or_empty_reports_no_underrun(tmp_path: Path) -> None:
+    cancel = threading.Event()
+    cancel.set()
+    writer = WavWriter(tmp_path)
+    for report in (writer.play(generated(speechlike(0.2)), cancel=cancel), writer.play(iter([]))):
+        assert report.underruns == 0 and report.path is None
+
+
+def test_playback_starts_at_the_chunk_that_reaches_the_prebuffer_exactly() -> None:
+    player = StandInPlayer(prebuffer_ms=160)
+    report = player.play(paced(player, speechlike(0.8, seed=12), 0.04), expected_seconds=0.8)
+    assert report.prebuffered_s == pytest.approx(0.16)  # two chunks: 0.16 s, exactly the minimum
