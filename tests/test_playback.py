@@ -679,3 +679,12 @@ def test_playback_starts_at_the_chunk_that_reaches_the_prebuffer_exactly() -> No
     player = StandInPlayer(prebuffer_ms=160)
     report = player.play(paced(player, speechlike(0.8, seed=12), 0.04), expected_seconds=0.8)
     assert report.prebuffered_s == pytest.approx(0.16)  # two chunks: 0.16 s, exactly the minimum
+
+
+def test_stop_with_nothing_playing_is_harmless_before_and_after_a_reply() -> None:
+    player = StandInPlayer()
+    player.stop()  # Ctrl-C at the prompt: nothing is playing
+    report = player.play(paced(player, speechlike(0.4, seed=13), 0.04), expected_seconds=0.4)
+    player.stop()
+    assert not report.cancelled and report.prebuffered_s is not None
+    assert player.play(iter([])).prebuffered_s is None  # nothing generated: never started
