@@ -129,6 +129,7 @@ async def health(request: Request) -> JSONResponse:
         body["model"] = state.settings.model.id  # the model (maybe a local path) only for a known key
     return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
+
 @routes.get("/metrics", dependencies=AUTH)
 async def metrics(request: Request) -> PlainTextResponse:
     state = _state(request)
@@ -138,14 +139,17 @@ async def metrics(request: Request) -> PlainTextResponse:
                                 state.streams())
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
+
 @routes.get("/v1/models", dependencies=AUTH)
 async def models(request: Request) -> dict[str, Any]:
     name = _state(request).settings.serve.model_name
     return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "companion"}]}
 
+
 @routes.get("/v1/audio/voices", dependencies=AUTH)
 def voices(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": _voice_list(_ready(_state(request)))}
+
 
 @routes.post("/v1/audio/speech")
 async def speech(body: SpeechRequest, request: Request, who: Who) -> Response:
@@ -168,6 +172,7 @@ async def speech(body: SpeechRequest, request: Request, who: Who) -> Response:
     if body.stream_format == "sse":
         return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     return StreamingResponse(stream, media_type=CONTENT_TYPES[fmt])
+
 
 @routes.get("/v1/conversations/{conversation}", response_model=None)
 async def describe(conversation: str, request: Request, who: Who) -> Any:
