@@ -61,9 +61,14 @@ class SpeechRequest(BaseModel):
     conversation: str | None = None
 
 
+def _state(request: Request) -> ServerState:
+    """The server's state, kept on the app (every route reads it from there)."""
+    return request.app.state.companion  # type: ignore[no-any-return]
+
+
 def _caller(request: Request) -> Caller:
     """Who sent the request (the key's conversations); 401 when a key is needed and this one is not known."""
-    state: ServerState = request.app.state.companion
+    state = _state(request)
     if not state.needs_key():
         return ANONYMOUS
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -108,11 +113,7 @@ def create_app(settings: Settings, api_key: str | None = None, on_fatal: Callabl
     return app
 
 
-# ---- routes: the state is the app's (request.app.state.companion) -------------------------------------
-
-
-def _state(request: Request) -> ServerState:
-    return request.app.state.companion  # type: ignore[no-any-return]
+# ---- routes (each reads the server's state with _state) -------------------------------------------------
 
 
 routes = APIRouter()
