@@ -18,7 +18,7 @@ import torch
 from companion.config import Settings, load_settings
 from companion.engine import Engine, GenerationOptions, Segment
 from companion.errors import CompanionError
-from companion.session import Session
+from companion.session import Session, resume_session
 from companion.store import Store
 from companion.text import normalize, prepare
 from companion.voices import VoiceProfile, VoiceStore
@@ -290,7 +290,7 @@ def test_resume_restores_the_pruned_context_exactly(tiny_model_dir: Path, data_d
         for line in ["Yes."] * 3 + ["$CLEAR$"] + ["Right.", "Sure.", "plain: Hi.", "Good."] * 3:
             list(live.speak(line))
         assert sum(s.dropped_turns for s in live.stats) > 0  # pruned along the way
-        resumed = Session.resume(make_engine(tiny_model_dir, 640), settings, store, live.session_id, VoiceStore())
+        resumed = resume_session(make_engine(tiny_model_dir, 640), settings, store, live.session_id, VoiceStore())
         want, got = live.context_segments(), resumed.context_segments()
         assert len(got) == len(want) > 2
         assert all(same_segment(a, b) for a, b in zip(want, got, strict=True))

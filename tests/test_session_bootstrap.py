@@ -13,7 +13,7 @@ from safetensors import safe_open
 from test_session import add_profile, make_engine, make_settings
 
 from companion.refcache import ReferenceCache
-from companion.session import Session
+from companion.session import Session, resume_session
 from companion.session.context import Voice
 from companion.store import Store
 from companion.voices import VoiceProfile, VoiceStore
@@ -111,9 +111,9 @@ def test_the_active_voice_is_kept_for_resume(tiny_model_dir: Path, data_dir: Pat
         session.use_voice("guest")  # before the first turn: no session in the history yet
         list(session.speak("Hi."))  # spoken by the active voice, "guest"
         sid = session.session_id
-        assert sid is not None and Session.resume(engine, settings, store, sid, voices).active == "guest"
+        assert sid is not None and resume_session(engine, settings, store, sid, voices).active == "guest"
         session.use_voice("plain")
-        assert Session.resume(engine, settings, store, sid, voices).active == "plain"
+        assert resume_session(engine, settings, store, sid, voices).active == "plain"
 
 
 def test_clear_and_the_last_reply_before_anything_was_said(tiny_model_dir: Path, data_dir: Path) -> None:

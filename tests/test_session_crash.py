@@ -15,7 +15,7 @@ import torch
 from companion.config import load_settings
 from companion.engine import Engine
 from companion.paths import get_paths
-from companion.session import Session
+from companion.session import resume_session
 from companion.store import Store
 from companion.voices import VoiceProfile, VoiceStore
 
@@ -25,7 +25,7 @@ CHILD = r"""
 import hashlib, sys
 from companion.config import load_settings
 from companion.engine import Engine
-from companion.session import Session
+from companion.session import Session, resume_session
 from companion.store import Store
 from companion.voices import VoiceStore
 
@@ -87,7 +87,7 @@ def test_kill_9_during_a_turn_then_resume(tiny_model_dir: Path, data_dir: Path, 
         assert {t.seq: digest(t.codes) for t in turns} == done
         settings = load_settings(overrides={"generation": {"max_segment_seconds": 1.2}, "context": {"max_seq_len": 1024}})
         engine = Engine.load(str(tiny_model_dir), max_seq_len=1024)
-        resumed = Session.resume(engine, settings, store, None, VoiceStore())  # the latest session
+        resumed = resume_session(engine, settings, store, None, VoiceStore())  # the latest session
         assert resumed.session_id == sid and resumed.active == "guest"
         context = resumed.context_segments()
         assert digest(context[0].codes) == ref  # the same pinned reference

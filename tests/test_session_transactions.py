@@ -17,7 +17,7 @@ from test_session import add_profile, make_engine, make_settings
 
 from companion.refcache import ReferenceCache
 from companion.server.conversations import Conversations
-from companion.session import Session
+from companion.session import Session, resume_session
 from companion.session.context import Turn
 from companion.store import Store
 
@@ -124,5 +124,5 @@ def test_a_conversation_cleared_after_a_hang_up_stays_empty(tiny_model_dir: Path
         del reply
         gc.collect()
         assert conversations.describe("c1")["turns"] == []
-        resumed = Session.resume(engine, settings, store, store.conversation_session_id("c1"))
+        resumed = resume_session(engine, settings, store, store.conversation_session_id("c1"))
         assert list(resumed.context.turns) == []  # the history says the same

@@ -19,7 +19,7 @@ from test_llm import KEY, KEY_ENV, FakeOpenAI, serving
 from companion.config import LLMSettings, load_settings
 from companion.llm import LLMClient
 from companion.paths import get_paths
-from companion.session import Session
+from companion.session import Session, resume_session
 from companion.store import Store
 from companion.talkback import TalkBack
 from companion.text.stream import SentenceSplitter
@@ -201,7 +201,7 @@ def test_clear_forgets_both_memories_and_resume_restores_the_rest(session: Sessi
     assert session.dialogue.exchanges == [] and len(session.context.turns) == 0
     list(talk(session, server.base_url, "echo").reply("two"))
     assert session.store is not None
-    resumed = Session.resume(tiny_engine, session.settings, session.store, voices=VoiceStore())
+    resumed = resume_session(tiny_engine, session.settings, session.store, voices=VoiceStore())
     assert [(e.user, e.reply) for e in resumed.dialogue.exchanges] == [("two", "You said: two")]
     list(talk(resumed, server.base_url, "echo").reply("three"))
     assert [m["content"] for m in server.requests[-1]["body"]["messages"]] == [

@@ -162,13 +162,13 @@ def load_session(settings: Settings, console: Console, *, resume: str | None = N
         with console.status(f"loading {m.id} …", spinner="dots"):
             engine = stack.enter_context(open_engine(settings))
         # imported once the model is found: a missing model fails without loading the model code
-        from companion.session import Session
+        from companion.session import Session, resume_session
 
         console.print(f"[green]✓[/] model {m.id} loaded in {time.monotonic() - start:.1f} s", highlight=False)
         store = stack.enter_context(Store(get_paths().history_db)) if history else None
         voices = VoiceStore()
         if resume is not None and store is not None:
-            session = Session.resume(engine, settings, store, _resume_id(resume), voices)
+            session = resume_session(engine, settings, store, _resume_id(resume), voices)
             console.print(f"resumed conversation {session.session_id}", highlight=False)
         else:
             session = Session(engine, settings, store, voices)

@@ -32,7 +32,7 @@ import numpy as np
 
 from companion.config import Settings
 from companion.engine import Engine
-from companion.session import AudioLog, Session
+from companion.session import AudioLog, Session, resume_session
 from companion.store import Store
 
 SWEEP_SECONDS = 3600.0  # how often idle conversations are looked for (and once at start)
@@ -184,7 +184,7 @@ class Conversations:
         namespace, conversation = key
         sid = self.store.conversation_session_id(conversation, namespace)
         if sid is not None:
-            session = Session.resume(self.engine, self.settings, self.store, sid, self.voices, self.cache)
+            session = resume_session(self.engine, self.settings, self.store, sid, self.voices, self.cache)
         else:
             owned = self.store.conversations(namespace)  # least recently used first
             excess = len(owned) - self.settings.serve.max_conversations + 1

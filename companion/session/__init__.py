@@ -14,6 +14,7 @@ from companion.lazy import lazy_names
 if TYPE_CHECKING:
     from companion.session.audio import AudioLog, TurnStats
     from companion.session.context import MIN_TEXT_POSITIONS, Context, ContextRow, TextTooLong, Turn, Voice
+    from companion.session.resume import resume_session
     from companion.session.script import CLEAR, Part, parse_line, read_script
     from companion.session.session import DEFAULT_VOICE, Session
 
@@ -22,7 +23,7 @@ _WHERE = {
     "MIN_TEXT_POSITIONS": "context", "Context": "context", "ContextRow": "context", "TextTooLong": "context",
     "Turn": "context", "Voice": "context",
     "CLEAR": "script", "Part": "script", "parse_line": "script", "read_script": "script",
-    "DEFAULT_VOICE": "session", "Session": "session",
+    "DEFAULT_VOICE": "session", "Session": "session", "resume_session": "resume",
 }
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "Voice",
     "parse_line",
     "read_script",
+    "resume_session",
 ]
 
 

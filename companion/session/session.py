@@ -13,6 +13,8 @@ A voice without reference audio gets one: its first segment is generated with no
 seed, pinned as its reference, and saved with its profile (WAV + transcript, and the exact codes in
 the reference cache) so later turns and later sessions keep that voice.
 
+``resume_session`` (companion.session.resume) rebuilds a recorded session from the history.
+
 Not thread-safe: drive a session from one thread (cancel it from another with the Event). Sessions
 on other threads may share the engine (up to its ``max_batch`` streams), the store, the voice store
 and the reference cache (whose ``making()`` lock keeps a voice's reference made and saved once).
@@ -100,7 +102,7 @@ class Session:
             voice.speaker += 1
         evicted = self.context.plan_pin(voice, self.max_frames())
         if self.store is not None and self.session_id is not None:  # history first, then memory
-            self.store.put_voice(self.session_id, _record(voice), unpinned=evicted)
+            self.store.put_voice(self.session_id, voice_record(voice), unpinned=evicted)
         self.context.pin(voice, self.max_frames())
         if self.active in evicted:
             self.active = voice.name
@@ -294,7 +296,7 @@ class Session:
         if self.store is not None:
             record = TurnRecord(voice.name, voice.speaker, text, codes, kind="reference",
                                 first_audio_ms=stats.first_audio_ms, rtf=stats.rtf, typed=typed)
-            seq = self.store.add_turn(self._session_id(), record, self.context.first_seq(), voice=_record(adopted),
+            seq = self.store.add_turn(self._session_id(), record, self.context.first_seq(), voice=voice_record(adopted),
                                       unpinned=evicted)
         voice.codes, voice.transcript = codes, text
         self.context.pin(voice, self.max_frames())
@@ -318,7 +320,7 @@ class Session:
         assert self.store is not None
         if self.session_id is None:
             self.session_id = self.store.create_session(
-                self.engine.model_key, self.engine.max_seq_len, [_record(v) for v in self.context.voices.values()],
+                self.engine.model_key, self.engine.max_seq_len, [voice_record(v) for v in self.context.voices.values()],
                 self.active,
             )
         return self.session_id
@@ -361,55 +363,7 @@ class Session:
 
     # ---- persistence ----------------------------------------------------------------------------
 
-    @classmethod
-    def resume(cls, engine: Engine, settings: Settings, store: Store, session_id: int | None = None,
-               voices: Any = None, cache: Any = None) -> Session:
-        """The session ``session_id`` (default: the latest) as it was: the same pinned references,
-        the same turns in the context (same codes), the same active voice."""
-        sid = session_id if session_id is not None else store.latest_session_id()
-        if sid is None:
-            raise CompanionError("there is no saved conversation to resume: start one with `companion chat`")
-        record = store.session(sid)
-        if record.model_key != engine.model_key:
-            raise CompanionError(
-                f"session {sid} was recorded with model {record.model_key!r}, not {engine.model_key!r}: "
-                "resume it with that --model, or start a new conversation"
-            )
-        session = cls(engine, settings, store, voices, cache)
-        session.session_id = sid
-        for vr in store.voices(sid):
-            profile = _profile(voices, vr.name)
-            if vr.codes is None and profile is not None and profile.audio:
-                voice = session._load_voice(vr.name)  # it got a reference (in another session) since
-                voice.speaker = vr.speaker
-                store.put_voice(sid, _record(voice))
-            else:
-                generation = profile.generation.as_dict() if profile is not None else {}
-                voice = Voice(vr.name, vr.speaker, vr.transcript, vr.codes, generation, profile)
-            session.context.pin(voice, session.max_frames())
-        turns = store.turns(sid)
-        for t in turns:
-            if t.kind == "turn" and t.seq >= record.context_start:
-                seg = Segment(t.speaker, t.text, t.codes)
-                session.context.append(Turn(t.seq, t.voice, t.speaker, t.text, t.codes, engine.segment_positions(seg)))
-        session._next_seq = turns[-1].seq + 1 if turns else 1
-        for exchange in store.exchanges(sid, remembered=True):
-            session.dialogue.put(exchange)
-        every = store.exchanges(sid)
-        session._next_exchange = every[-1].seq + 1 if every else 1
-        session.active = record.voice if record.voice in session.context.voices else next(iter(session.context.voices), None)
-        return session
 
-
-def _record(voice: Voice) -> VoiceRecord:
+def voice_record(voice: Voice) -> VoiceRecord:
+    """What the history keeps of a voice in a session."""
     return VoiceRecord(voice.name, voice.speaker, voice.transcript, voice.codes)
-
-
-def _profile(voices: Any, name: str) -> Any:
-    if voices is None:
-        return None
-    try:
-        return voices.get(name)
-    except CompanionError:
-        return None
-
