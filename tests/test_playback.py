@@ -28,7 +28,15 @@ import pytest
 from load import spinning, stall
 from pulse import heard, pulse_server, pulseaudio_missing, speechlike, trim_silence
 
-from companion.audio.playback import Player, Prebuffer, WavWriter, open_output, output_devices, resolve_device
+from companion.audio.playback import (
+    UNDERRUN_SLACK_S,
+    Player,
+    Prebuffer,
+    WavWriter,
+    open_output,
+    output_devices,
+    resolve_device,
+)
 from companion.errors import CompanionError
 
 RATE = 24000
@@ -94,16 +102,30 @@ def test_prebuffer_waits_for_a_measurement_and_remembers_the_last_speed():
 
 
 class Clock:
-    """Monotonic seconds that move only when the test's generator says so."""
+    """Monotonic seconds that move only when the test's generator says so, or when the player waits on
+    them (for the end to play out): a wait moves the clock to its end unless the event is already set.
+    ``hold_waits``: a wait blocks (for real) until the event is set, as a stop while the end plays."""
 
-    def __init__(self) -> None:
+    def __init__(self, hold_waits: bool = False) -> None:
         self.now = 100.0
+        self.waits: list[float] = []  # the seconds of each wait, in order
+        self.hold_waits = hold_waits
+        self.waiting = threading.Event()
 
     def __call__(self) -> float:
         return self.now
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+    def wait(self, event: threading.Event, seconds: float) -> bool:
+        self.waits.append(seconds)
+        self.waiting.set()
+        if self.hold_waits:
+            assert event.wait(60), "never stopped"
+        if not event.is_set():
+            self.now += seconds
+        return event.is_set()
 
 
 class Device:
@@ -151,8 +173,10 @@ class Device:
 class StandInPlayer(Player):
     """The real Player (prebuffer, writer thread, underrun count) on ``Clock``, playing into ``Device``."""
 
-    def __init__(self, underflow_at: set[int] | None = None, hold_at: int | None = None, **kw: Any) -> None:
-        super().__init__(clock=Clock(), **kw)
+    def __init__(self, underflow_at: set[int] | None = None, hold_at: int | None = None, clock: Clock | None = None,
+                 **kw: Any) -> None:  # fmt: skip
+        clock = clock or Clock()
+        super().__init__(clock=clock, wait=clock.wait, **kw)
         self.underflow_at = underflow_at or set()
         self.hold_at = hold_at
         self.devices: list[Device] = []
@@ -163,15 +187,15 @@ class StandInPlayer(Player):
 
 
 def paced(player: StandInPlayer, audio: np.ndarray, seconds_per_chunk: float,
-          stalls: dict[int, float] | None = None) -> Iterator[np.ndarray]:
+          stalls: dict[int, float] | None = None, chunk_size: int = CHUNK) -> Iterator[np.ndarray]:
     """``audio`` in chunks, chunk i 'generated' ``seconds_per_chunk`` (plus ``stalls[i]``) after the one before
     it on the player's clock. Once playback has started, a chunk is generated only after the device was
     handed everything before it: the writer is never behind, so the clock alone decides what is late."""
     stalls = stalls or {}
     opened, sent = len(player.devices), 0
-    for i, start in enumerate(range(0, len(audio), CHUNK)):
+    for i, start in enumerate(range(0, len(audio), chunk_size)):
         player.clock.advance(seconds_per_chunk + stalls.get(i, 0.0))  # type: ignore[attr-defined]
-        chunk = audio[start : start + CHUNK]
+        chunk = audio[start : start + chunk_size]
         yield chunk
         sent += len(chunk)
         if len(player.devices) > opened:
@@ -237,6 +261,27 @@ def test_a_gap_the_device_reports_is_one_underrun_however_many_writes_report_it(
     player = StandInPlayer(underflow_at={33, 34})  # chunk 8 (after the stall) starts at write 33
     report = player.play(paced(player, speechlike(1.2), 0.04, stalls={8: 1.0}), expected_seconds=1.2)
     assert report.underruns == 1
+    # a gap reported at the very first write counts too
+    player = StandInPlayer(underflow_at={1})
+    assert player.play(paced(player, speechlike(1.2), 0.04), expected_seconds=1.2).underruns == 1
+
+
+def test_a_piece_exactly_at_the_end_of_the_slack_is_on_time_one_tick_later_is_late() -> None:
+    """16 kHz in chunks of 1000 samples (1/16 s) generated every 1/32 s: playback starts at chunk 4
+    (0.25 s >= 0.2 s), at 100.125 s, so chunk 8 is due at 100.625 s. Handed over at exactly that plus
+    the slack it is on time; at the next instant the clock can tell, it follows a gap."""
+    for late, underruns in ((False, 0), (True, 1)):
+        player = StandInPlayer(sample_rate=16000)
+
+        def generation(player: StandInPlayer = player, late: bool = late) -> Iterator[np.ndarray]:
+            for i, chunk in enumerate(paced(player, speechlike(1.0)[:16000], 1 / 32, chunk_size=1000)):
+                if i == 8:
+                    limit = (100.125 + 8000 / 16000) + UNDERRUN_SLACK_S  # the player's own arithmetic
+                    player.clock.now = float(np.nextafter(limit, np.inf)) if late else limit  # type: ignore[attr-defined]
+                yield chunk
+
+        report = player.play(generation(), expected_seconds=1.0)
+        assert report.first_sound_s == 0.125 and report.underruns == underruns
 
 
 def test_slow_generation_is_prebuffered_by_the_rule_without_underruns() -> None:
@@ -278,9 +323,10 @@ def test_a_reply_sets_the_remembered_speed_from_its_own_generation() -> None:
     assert player.prebuffer.rate == pytest.approx(0.5 * 1.2 / 0.56 + 0.5 * 1.2 / (15 * 0.08 - 0.08))
 
 
-def test_stop_from_another_thread_drops_what_the_device_holds() -> None:
-    """The device blocks at write 12 (its buffer is full); stop() meanwhile: that write is the last one."""
-    player = StandInPlayer(hold_at=12)
+@pytest.mark.parametrize("hold_at", [10, 12])  # inside a chunk of four writes, and its last write
+def test_stop_from_another_thread_drops_what_the_device_holds(hold_at: int) -> None:
+    """The device blocks at a write (its buffer is full); stop() meanwhile: that write is the last one."""
+    player = StandInPlayer(hold_at=hold_at)
     result: dict[str, Any] = {}
     thread = threading.Thread(target=lambda: result.update(report=player.play(generated(speechlike(1.2)))))
     thread.start()
@@ -294,7 +340,8 @@ def test_stop_from_another_thread_drops_what_the_device_holds() -> None:
     device.released.set()
     thread.join(60)
     assert result["report"].cancelled and device.aborted and device.stops == 0
-    assert len(device.pieces) == 12 and device.closed
+    assert len(device.pieces) == hold_at and device.closed
+    assert player.clock.waits == []  # type: ignore[attr-defined]  # a stopped reply does not wait for its end
 
 
 def test_a_cancel_while_the_end_plays_drops_it() -> None:
@@ -320,6 +367,65 @@ def test_a_cancel_while_the_end_plays_drops_it() -> None:
     device = player.devices[0]
     assert report.cancelled and report.seconds == pytest.approx(1.2)
     assert device.aborted and device.stops == 0 and len(device.pieces) == 40
+    assert player.clock.waits == []  # type: ignore[attr-defined]  # nor does one cancelled while its end plays
+
+
+def test_the_end_plays_out_by_the_clock_then_the_device_finishes() -> None:
+    """1.2 s at 24 kHz in chunks of 1000 samples (not whole 20 ms writes), one every 0.02 s: playback
+    starts at chunk 5 (0.208 s >= 0.2 s), at 100.1 s; the 1.3 s handed over (reply and tail) play until
+    101.4 s. Generation ends at 100.58 s: the writer waits the 0.82 s left, then lets the device finish."""
+    player = StandInPlayer()
+    sent = speechlike(1.2, seed=14)
+    report = player.play(paced(player, sent, 0.02, chunk_size=1000), expected_seconds=1.2)
+    assert report.first_sound_s == pytest.approx(0.1) and report.underruns == 0
+    assert player.clock.waits == [pytest.approx(0.82)]  # type: ignore[attr-defined]
+    (device,) = player.devices
+    assert device.stops == 1 and not device.aborted and device.closed
+    np.testing.assert_array_equal(device.audio(), np.concatenate([sent, tail(player)]))
+
+
+def test_a_stop_while_the_end_plays_out_drops_it() -> None:
+    """Everything was handed over and the writer waits for it to play: stop() ends the wait at once and
+    drops what the device holds."""
+    player = StandInPlayer(clock=Clock(hold_waits=True))
+    sent = speechlike(1.2, seed=15)
+    result: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: result.update(report=player.play(generated(sent), expected_seconds=1.2)))
+    thread.start()
+    assert player.clock.waiting.wait(60)  # type: ignore[attr-defined]
+    player.stop()
+    thread.join(60)
+    (device,) = player.devices
+    assert result["report"].cancelled and device.aborted and device.stops == 0 and device.closed
+    np.testing.assert_array_equal(device.audio(), np.concatenate([sent, tail(player)]))
+
+
+class UnabortableDevice(Device):
+    """A device whose abort fails (the audio server gone while a reply plays)."""
+
+    def abort(self) -> None:
+        self.aborted = True
+        raise OSError("the audio server went away")
+
+
+def test_a_device_that_cannot_abort_still_stops_quietly(monkeypatch: pytest.MonkeyPatch) -> None:
+    escaped: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: escaped.append(args.exc_value))
+    player = StandInPlayer(hold_at=12)
+    player.open_stream = lambda: player.devices.append(UnabortableDevice(set(), 12)) or player.devices[-1]  # type: ignore[method-assign]
+    result: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: result.update(report=player.play(generated(speechlike(1.2)))))
+    thread.start()
+    for _ in range(6000):  # until the stream is open: counted, not timed
+        if player.devices:
+            break
+        threading.Event().wait(0.005)
+    device = player.devices[0]
+    assert device.held.wait(60)
+    player.stop()
+    device.released.set()
+    thread.join(60)
+    assert result["report"].cancelled and device.aborted and device.closed and escaped == []
 
 
 def test_a_cancel_inside_a_reply_stops_handing_audio_over() -> None:

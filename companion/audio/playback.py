@@ -96,6 +96,9 @@ class AudioOutput(Protocol):
     def stop(self) -> None: ...
 
 
+Waiter = Callable[[threading.Event, float], bool]  # wait on an event for up to so many seconds: set?
+
+
 class _Feed:
     """Audio between the generator and the writer thread: a deque (appends and pops are atomic), None ends it."""
 
@@ -133,10 +136,10 @@ class _Writer(threading.Thread):
     """
 
     def __init__(self, stream: Any, feed: _Feed, rate: int, piece: int, slack_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float], wait: Waiter) -> None:
         super().__init__(name="companion-audio-writer", daemon=True)
         self.stream, self.feed, self.rate, self.piece, self.slack_s = stream, feed, rate, piece, slack_s
-        self.clock = clock
+        self.clock, self.wait = clock, wait
         self.anchor: float | None = None  # when frame 0 would have played, had nothing ever been late
         self.written = 0
         self.error: BaseException | None = None
@@ -189,7 +192,7 @@ class _Writer(threading.Thread):
     def _drain(self) -> None:
         """Wait (stoppably) until everything written has played by the clock, then let the stream finish."""
         end = (self.anchor or self.clock()) + self.written / self.rate
-        if not self.feed.stopped.wait(max(0.0, end - self.clock())):
+        if not self.wait(self.feed.stopped, max(0.0, end - self.clock())):
             self.stream.stop()  # what is left (the server's own latency) plays out
 
 
@@ -200,14 +203,16 @@ class Player:
     prebuffer is there a writer thread hands them to the device, whose buffer holds up to ``buffer_ms``
     of audio. ``play`` returns when the utterance has been heard or ``stop()``/``cancel`` ends it.
 
-    ``clock`` (monotonic seconds) times generation and playback; tests pass a clock that their generator
-    advances, with ``open_stream`` overridden by a stand-in device, so prebuffer and underruns are exact.
+    ``clock`` (monotonic seconds) times generation and playback, and ``wait(event, seconds)`` waits on an
+    event for up to that many of the clock's seconds (while the end plays out); tests pass a clock that
+    their generator advances, with ``open_stream`` overridden by a stand-in device, so prebuffer,
+    underruns and the wait for the end are exact.
     """
 
     def __init__(self, device: str | int | None = None, sample_rate: int = SAMPLE_RATE,
                  prebuffer_ms: int = 200, tail_silence_ms: int = 100, buffer_ms: int = BUFFER_MS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
+                 clock: Callable[[], float] = time.monotonic, wait: Waiter = threading.Event.wait) -> None:
+        self.clock, self.wait = clock, wait
         self.sample_rate = sample_rate
         self.device_spec = device
         self.device: int | None = None
@@ -292,7 +297,7 @@ class Player:
     def _start(self, feed: _Feed, prebuffered_s: float) -> _Writer:
         stream = self.open_stream()
         feed.started_at, feed.prebuffered_s = self.clock(), prebuffered_s
-        writer = _Writer(stream, feed, self.sample_rate, self.piece, UNDERRUN_SLACK_S, self.clock)
+        writer = _Writer(stream, feed, self.sample_rate, self.piece, UNDERRUN_SLACK_S, self.clock, self.wait)
         writer.start()
         return writer
 
