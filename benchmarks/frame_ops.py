@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from companion.engine.bench import random_engine
 from companion.engine.cuda_graphs import GraphedFrame, new_unit
-from companion.engine.fused import FusedStep
+from companion.engine.fused import FusedStep, _inductor
 
 
 class OpCount(TorchDispatchMode):
@@ -67,24 +67,25 @@ def compiled_kernels(unit: GraphedFrame) -> tuple[int, dict[str, int]]:
     with torch.no_grad():
         _, sources = run_and_get_code(unit.fast)  # compiles the pieces, in the order they are first called
     per_call = [kernel_calls(src) for src in sources]
-    names = ["first", "codebook", "last", "feed"]
+    K = unit.loop.num_codebooks
+    calls = {"first": 1, "codebooks": (K - 2) // 2, "codebook": (K - 2) % 2, "last": 1, "feed": 1}
+    names = [name for name, n in calls.items() if n]  # the order they are first called
     if len(per_call) != len(names):
         raise SystemExit(f"expected {len(names)} compiled pieces, got {len(per_call)}")
-    K = unit.loop.num_codebooks
-    calls = {"first": 1, "codebook": K - 2, "last": 1, "feed": 1}
     fused = unit.fast
     assert isinstance(fused, FusedStep)
     glue = OpCount()  # the operations between pieces (the pieces replaced by stand-ins that run nothing)
-    pieces = fused.first, fused.codebook, fused.last, fused.feed
+    pieces = fused.first, fused.codebooks, fused.codebook, fused.last, fused.feed
     code = torch.zeros(unit.batch, dtype=torch.long, device=unit.hidden.device)
     depth = torch.zeros(unit.batch, 1, unit.loop.projector.shape[0], dtype=unit.hidden.dtype, device=code.device)
     fused.first = fused.codebook = lambda *a: (code, depth)
+    fused.codebooks = lambda *a: (code, code, depth)
     fused.last, fused.feed = (lambda *a: code), (lambda *a: None)
     try:
         with torch.no_grad(), glue:
             fused()
     finally:
-        fused.first, fused.codebook, fused.last, fused.feed = pieces
+        fused.first, fused.codebooks, fused.codebook, fused.last, fused.feed = pieces
     table = {name: n for name, n in zip(names, per_call, strict=True)}
     table["between pieces"] = sum(glue.ops.values())
     total = sum(n * calls[name] for name, n in zip(names, per_call, strict=True)) + table["between pieces"]
@@ -118,7 +119,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as cache:
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # compiled afresh: the code is written
                 fused = new_unit(loop, greedy)
-                fused.fuse()
+                fused.fuse(_inductor)  # with inductor's Python wrapper, whose kernel calls are counted (on a GPU too)
                 fused.load(torch.zeros_like(fused.hidden), loop.scratch)
                 total, table = compiled_kernels(fused)
             pieces = ", ".join(f"{name} {n}" for name, n in table.items())

@@ -204,7 +204,7 @@ def graphed_check(engine: Engine, capture: Capture, frames: int) -> dict[str, An
         "self_check": {
             "passed": capture.off is None,
             "off_reason": capture.off,
-            "units": sorted("greedy" if greedy else "sampled" for _, greedy in engine.graphs.units),
+            "units": sorted("greedy" if greedy else "sampled" for _, greedy, _ in engine.graphs.units),
         }
     }
     out["exactness"] = exactness(engine, eager_twin(engine), context, frames)
@@ -212,7 +212,7 @@ def graphed_check(engine: Engine, capture: Capture, frames: int) -> dict[str, An
     # Sampled: the sampled unit's self-check runs in its first turn; then graphed vs eager, one seed.
     out["sampled"] = agreement(sampled_codes(engine, context, frames), sampled_codes(eager_twin(engine), context, frames))
     out["sampled"]["graphs_on"] = capture.off is None
-    out["self_check"]["units"] = sorted("greedy" if greedy else "sampled" for _, greedy in engine.graphs.units)
+    out["self_check"]["units"] = sorted("greedy" if greedy else "sampled" for _, greedy, _ in engine.graphs.units)
     return out
 
 
@@ -256,7 +256,7 @@ def streams_check(engine: Engine, capture: Capture, args: argparse.Namespace, op
     bench_opts = BenchOptions(frames=4 if args.dry_run else 32, repeats=1 if args.dry_run else opts.repeats)
     out.update(streams_section(many, [1, 2, 4, 8], bench_opts, lambda t: log(f"streams: {t}")))
     out["graphs_on"] = capture.off is None
-    out["batch_units"] = sorted(f"{n} {'greedy' if g else 'sampled'}" for n, g in (many.graphs.units if many.graphs else {}))
+    out["batch_units"] = sorted(f"{n} {'greedy' if g else 'sampled'}" for n, g, _ in (many.graphs.units if many.graphs else {}))
     return out
 
 

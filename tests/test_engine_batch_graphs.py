@@ -74,7 +74,7 @@ def test_one_unit_of_four_rows_with_padding_gives_the_codes_without_graphs(tiny_
     assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
     assert capture.sizes == [4]  # one unit, captured at its first use, reused by every slot after
     assert all(capture.prefix_intact) and capture.off is None
-    assert graphed.graphs is not None and set(graphed.graphs.checked) == {(4, options.temperature == 0)}
+    assert graphed.graphs is not None and set(graphed.graphs.checked) == {(4, options.temperature == 0, None)}
 
 
 class CorruptSampled(CorruptingCapture):
@@ -98,7 +98,7 @@ def test_each_unit_is_self_checked_and_a_bad_one_turns_graphs_off(tiny_engine, r
         got = one_by_one(graphed, reference, SAMPLED)
     assert all(torch.equal(g, e) for g, e in zip(got, one_by_one(eager, reference, SAMPLED), strict=True))
     assert capture.off is not None and "4 streams" in capture.off
-    assert graphed.graphs is not None and set(graphed.graphs.checked) == {(4, True)}
+    assert graphed.graphs is not None and set(graphed.graphs.checked) == {(4, True, None)}
     assert len([r for r in caplog.records if "turned off" in r.getMessage()]) == 1
 
 

@@ -7,6 +7,7 @@ wrong ones where the self-check, its tolerances and the fallback are tested.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -69,9 +70,9 @@ class Perturbing:
                 self.frame += 1
             if name == "_feed":  # (codes, frame, hidden, pos): the hidden state it wrote, scaled
                 args[2].mul_(1 + self.scale)
-            if name == "_codebook" and self.wrong_code and self.frame in (self.wrong_frames or (self.frame,)):
-                code, h = out
-                return (code + 1) % 2048, h
+            if name in ("_codebook", "_codebooks") and self.wrong_code and self.frame in (self.wrong_frames or (self.frame,)):
+                code, *rest = out
+                return ((code + 1) % 2048, *rest)
             return out
 
         return piece
@@ -134,10 +135,14 @@ def test_the_pieces_do_what_the_step_does(tiny_engine: Engine, greedy: bool, row
 def test_fused_frames_from_the_pieces_give_eager_codes_greedy_and_sampled(tiny_engine: Engine, reference) -> None:
     fusion = Fusion(as_written)
     fused, eager = engine_with(tiny_engine, fusion), engine_with(tiny_engine, None)
-    for options in (GREEDY, SAMPLED, GREEDY):
+    narrow = dataclasses.replace(SAMPLED, topk=7)
+    for options in (GREEDY, SAMPLED, narrow, GREEDY, SAMPLED):
         assert torch.equal(codes_of(fused, reference, options), codes_of(eager, reference, options))
     assert fusion.off is None
-    assert fused.graphs is not None and sorted(fused.graphs.checked) == [(1, False), (1, True)]
+    # On a CPU a sampled unit ranks exactly its top-k: one unit for each top-k used.
+    assert fused.graphs is not None and set(fused.graphs.checked) == {(1, True, None), (1, False, 40), (1, False, 7)}
+    assert {k: u.sampler.width for k, u in fused.graphs.units.items()} == {(1, True, None): 1, (1, False, 40): 40,
+                                                                           (1, False, 7): 7}  # fmt: skip
     # The cache holds the prompt and the frames fed back, nothing the self-check wrote.
     prompt = fused.last_stats.prompt_positions
     assert torch.equal(fused.loop.rows[:prompt], fused.prompt.prompt_rows(reference, 0, TEXT))

@@ -225,7 +225,7 @@ def test_temperature_and_topk_changes_neither_capture_nor_prefill(tiny_engine: E
     # Greedy is the second (and last) kind of unit.
     codes_of(engine, reference)
     turn(0.6, 30)
-    assert recorder.captures == 2 and set(engine.graphs.units) == {(1, True), (1, False)}
+    assert recorder.captures == 2 and set(engine.graphs.units) == {(1, True, None), (1, False, None)}
 
 
 def test_masked_width_sampling_follows_the_top_k_softmax() -> None:
@@ -323,7 +323,7 @@ def test_the_edges_of_greedy_pick_the_unit_that_gives_the_eager_codes(tiny_engin
     capture = Recorder()
     engine, eager = engine_with(tiny_engine, capture), engine_with(tiny_engine, None)
     assert torch.equal(codes_of(engine, reference, options), codes_of(eager, reference, options))
-    assert engine.graphs is not None and set(engine.graphs.checked) == {(1, options.temperature == 0.0)}
+    assert engine.graphs is not None and set(engine.graphs.checked) == {(1, options.temperature == 0.0, None)}
 
 
 class SlightlyOffCapture(Recorder):

@@ -121,17 +121,19 @@ class _ReplayFailed(Exception):
     """A replay raised during a turn (after its self-check passed)."""
 
 
-def new_unit(loop: FrameLoop, greedy: bool, rows: int = 1, batched: bool = False) -> GraphedFrame:
+def new_unit(loop: FrameLoop, greedy: bool, rows: int = 1, batched: bool = False,
+             width: int | None = None) -> GraphedFrame:  # fmt: skip
     """A unit for one kind of sampling: greedy, or top-k over every decodable code (ranks past the
-    configured top-k masked at run time, so one unit serves every temperature and top-k); for one
-    stream, or ``rows`` streams at once (``batched``: for the loop of several streams, even at one row).
-    ``unit.fuse()`` compiles its step (``fused.py``)."""
+    configured top-k masked at run time, so one unit serves every temperature and top-k; ``width``: over
+    that many best codes only, for top-k up to it); for one stream, or ``rows`` streams at once
+    (``batched``: for the loop of several streams, even at one row). ``unit.fuse()`` compiles its step
+    (``fused.py``)."""
     if rows > 1 or batched:
         batch = BatchSampler(rows, greedy, loop.device, loop.num_codebooks, loop.decodable_codes, loop.vocab)
         return GraphedFrame(loop, batch, rows)
     sampler = Sampler(
         0.0 if greedy else 1.0, 1 if greedy else 2, 0, loop.device, loop.num_codebooks,
-        loop.decodable_codes, width=loop.decodable_codes or loop.vocab, vocab=loop.vocab,
+        loop.decodable_codes, width=width or loop.decodable_codes or loop.vocab, vocab=loop.vocab,
     )  # fmt: skip
     return GraphedFrame(loop, sampler)
 
@@ -183,19 +185,24 @@ def default_capture(device: torch.device) -> Capture | None:
     return CUDA_GRAPHS if graphs_wanted(device) else None
 
 
+Key = tuple[int, bool, "int | None"]  # a unit's streams, greedy, and how many codes it ranks (None: all)
+
+
 class FrameGraphs:
     """The captured frames of one ``FrameLoop``: at most one unit per kind of sampling (greedy or not).
 
     With ``fusion`` (not None), units are compiled (``fused.py``) while ``fusion.off`` is None; a unit
     that fails to compile or whose self-check fails turns fusion off, and the unit is made again
     without it. ``fused_only``: units serve only when fused (the eager ``Capture`` on a CPU, where a
-    replayed step without fusion is no faster than the step-by-step loop)."""
+    replayed step without fusion is no faster than the step-by-step loop); there a sampled unit ranks
+    exactly the top-k best codes, one unit per top-k (ranking every code costs a CPU more than the rest
+    of a codebook's work), where a recorded unit ranks every code for every top-k."""
 
     def __init__(self, loop: FrameLoop, capture: Capture, fusion: Fusion | None = None,
                  fused_only: bool = False) -> None:  # fmt: skip
         self.loop, self.capture, self.fusion, self.fused_only = loop, capture, fusion, fused_only
-        self.units: dict[tuple[int, bool], GraphedFrame] = {}  # (streams, greedy) -> unit
-        self.checked: set[tuple[int, bool]] = set()
+        self.units: dict[Key, GraphedFrame] = {}  # (streams, greedy, width) -> unit
+        self.checked: set[Key] = set()
 
     @property
     def fusing(self) -> bool:
@@ -220,7 +227,8 @@ class FrameGraphs:
             assert isinstance(unit.sampler, Sampler)
             unit.sampler.configure(temperature, topk, seed)  # the greedy unit ignores them
 
-        unit = self._checked(1, greedy, False, state) if max_frames > 0 else self._unit(1, greedy, False)
+        width = min(topk, self.loop.decodable_codes or self.loop.vocab) if self.fused_only and not greedy else None
+        unit = self._checked(1, greedy, False, state, width) if max_frames > 0 else self._unit(1, greedy, False, width)
         if unit is None:
             return None
         assert isinstance(unit.sampler, Sampler)
@@ -258,12 +266,13 @@ class FrameGraphs:
                 hidden = loop.backbone.forward(loop.embed_frames(made[-1][None]), loop.length - 1)
         yield from loop.frames(hidden, sampler, max_frames - len(made), cancel)
 
-    def _unit(self, rows: int, greedy: bool, batched: bool) -> GraphedFrame | None:
-        """The unit for ``rows`` streams and this kind of sampling, captured on first use; None when graphs
-        are off (or capture fails). A unit that fails to compile turns fusion off and is made without it."""
+    def _unit(self, rows: int, greedy: bool, batched: bool, width: int | None = None) -> GraphedFrame | None:
+        """The unit for ``rows`` streams and this kind of sampling (``width``: ranking that many codes, None:
+        every code), captured on first use; None when graphs are off (or capture fails). A unit that fails
+        to compile turns fusion off and is made without it."""
         if self.capture.off is not None:
             return None
-        key = (rows, greedy)
+        key = (rows, greedy, width)
         if key in self.units and self.units[key].fused and not self.fusing:  # compiling went off meanwhile
             del self.units[key]
             self.checked.discard(key)
@@ -271,7 +280,7 @@ class FrameGraphs:
             return self.units[key]
         if self.fused_only and not self.fusing:
             return None
-        unit = new_unit(self.loop, greedy, rows, batched)
+        unit = new_unit(self.loop, greedy, rows, batched, width)
         fused = self.fusing
         try:
             if fused:
@@ -282,7 +291,7 @@ class FrameGraphs:
         except Exception as err:  # capture is an optimisation: generate eagerly from now on
             if fused:
                 self._fusion_off(f"compiling a frame failed ({type(err).__name__}: {_first_line(err)})")
-                return self._unit(rows, greedy, batched)
+                return self._unit(rows, greedy, batched, width)
             self._turn_off(f"capturing a frame failed ({type(err).__name__}: {err})")
             return None
         self.units[key] = unit
@@ -295,12 +304,13 @@ class FrameGraphs:
         equal the same frames run eagerly on every stream's row."""
         return self._checked(rows, greedy, True, state)
 
-    def _checked(self, rows: int, greedy: bool, batched: bool,
-                 state: Callable[[GraphedFrame, int], None]) -> GraphedFrame | None:  # fmt: skip
+    def _checked(self, rows: int, greedy: bool, batched: bool, state: Callable[[GraphedFrame, int], None],
+                 width: int | None = None) -> GraphedFrame | None:  # fmt: skip
         """The unit, self-checked at its first use (``state`` loads the state the check starts from): a
         unit that fails its check turns fusion off (a fused one, made again without it) or graphs off."""
-        unit = self._unit(rows, greedy, batched)
-        if unit is None or (rows, greedy) in self.checked:
+        unit = self._unit(rows, greedy, batched, width)
+        key = (rows, greedy, width)
+        if unit is None or key in self.checked:
             return unit
         streams = f" of {rows} streams" if batched else ""
         try:
@@ -311,12 +321,12 @@ class FrameGraphs:
             if why is not None:
                 why = f"the replay of a frame{streams} differed from the step-by-step path in a self-check: {why}"
         if why is None:
-            self.checked.add((rows, greedy))
+            self.checked.add(key)
             return unit
         if unit.fused:
-            del self.units[(rows, greedy)]
+            del self.units[key]
             self._fusion_off(why)
-            return self._checked(rows, greedy, batched, state)
+            return self._checked(rows, greedy, batched, state, width)
         self._turn_off(why)
         return None
 

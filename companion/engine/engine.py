@@ -16,7 +16,7 @@ from companion.engine.batching import Batcher
 from companion.engine.cuda_graphs import Capture, FrameGraphs, default_capture
 from companion.engine.errors import ContextTooLong, EngineBusy
 from companion.engine.frames import FrameLoop
-from companion.engine.fused import FUSION, Fusion, compile_wanted, use_compile_cache
+from companion.engine.fused import FUSION, Fusion, check_compiler_early, compile_wanted, use_compile_cache
 from companion.engine.loading import load_csm, resolve_model_dir, select_device, select_dtype
 from companion.engine.mimi_stream import MimiStreamDecoder
 from companion.engine.prompt import PromptBuilder
@@ -321,6 +321,7 @@ def fusion_for(setting: str, device: torch.device) -> Fusion | None:
     if not compile_wanted(setting, device):
         return None
     use_compile_cache(get_paths().cache_dir)
+    check_compiler_early(device)
     return FUSION
 
 

@@ -2,19 +2,22 @@
 
 ``GraphedFrame.step`` is about 5,300 tensor operations a sampled frame at full size, each its own
 kernel; an rms-norm alone is 8. Compiled, neighbouring operations fuse into one kernel. The frame is
-compiled as four pieces rather than one, so tracing stays short (the start-up cost with a warm
+compiled as a few pieces rather than one, so tracing stays short (the start-up cost with a warm
 compile cache) and one compiled piece serves every codebook:
 
 - ``first``: codebook 0 from the backbone's hidden state, then the depth decoder's first two
   positions ``[backbone hidden, embed(c0)]``, as the step does;
-- ``codebook``: codebook ``i`` from the depth decoder's state (head ``i - 1``, sampling), then its
-  embedding through the depth decoder at position ``i + 1``; ``i`` is a `(1,)` device tensor, so the same
-  compiled piece runs for codebooks 1 .. K-2;
+- ``codebooks``: codebooks ``i`` and ``i + 1``, each from the depth decoder's state (head ``i - 1``,
+  sampling), then its embedding through the depth decoder at the next position; ``i`` is a `(1,)`
+  device tensor, so the same compiled piece runs for codebooks 1 .. K-2, two at a time (``codebook``,
+  one at a time, takes the odd one out when K-2 is odd);
 - ``last``: codebook K-1;
 - ``feed``: the frame's embedding through the backbone at each row's position, into the unit's buffers.
 
 Inductor's own CUDA graphs stay off: the compiled frame is recorded through the product's ``Capture``
-like the step it replaces. Compiled code is kept on disk (inductor's caches, under companion's cache
+like the step it replaces. On a CPU, where nothing records it, each piece is a call from Python: two
+codebooks a call halve those calls, and inductor writes each piece's wrapper in C++ (``cpp_wrapper``)
+rather than Python. Compiled code is kept on disk (inductor's caches, under companion's cache
 directory), so only the first start on a machine pays for compilation.
 
 Fused kernels round once where the step-by-step path rounds after every operation, so the fused frame
@@ -24,8 +27,10 @@ state, made to pick the fused frame's codes, and holds the two within a toleranc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -50,6 +55,21 @@ def use_compile_cache(cache_dir: Path) -> None:
     """Keep inductor's compiled code under ``cache_dir``/compiled (unless the user set
     ``TORCHINDUCTOR_CACHE_DIR``): the second start loads what the first compiled."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "compiled"))
+
+
+def check_compiler_early(device: torch.device) -> None:
+    """On a CPU, start inductor's once-a-process check of which vector instructions its C++ code may use
+    now, beside the model's loading: it builds a test program and loads it in a fresh Python (about a
+    second, mostly waiting), which the first compile would otherwise wait for."""
+    if device.type == "cpu":
+        threading.Thread(target=_check_vector_isa, name="companion-compiler-check", daemon=True).start()
+
+
+def _check_vector_isa() -> None:
+    with contextlib.suppress(Exception):  # only a head start: the first compile checks again if this failed
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+        pick_vec_isa()
 
 
 _told: set[str] = set()
@@ -91,12 +111,13 @@ class FusedStep:
     def __init__(self, unit: Any, compiler: Compiler | None = None) -> None:
         self.unit = unit
         loop = unit.loop
-        compile_ = compiler or _inductor
+        rows, device = unit.batch, loop.device
+        compile_ = compiler or (_inductor_cpu if device.type == "cpu" else _inductor)
         self.first = compile_(self._first)
-        self.codebook = compile_(self._codebook)
+        self.codebooks = compile_(self._codebooks)
+        self.codebook = compile_(self._codebook)  # compiled at its first call: only when K-2 is odd
         self.last = compile_(self._last)
         self.feed = compile_(self._feed)
-        rows, device = unit.batch, loop.device
         # Codebook indices and depth positions as static device tensors (one compiled piece for all).
         self.index = [torch.tensor([i], device=device) for i in range(loop.num_codebooks)]
         self.at = [torch.full((rows,), i, dtype=torch.long, device=device) for i in range(loop.num_codebooks + 1)]
@@ -106,8 +127,11 @@ class FusedStep:
         K = loop.num_codebooks
         c0, h = self.first(unit.hidden, self.index[0])
         codes = [c0]
-        for i in range(1, K - 1):
-            ci, h = self.codebook(h, self.index[i], self.at[i + 1])
+        for i in range(1, K - 2, 2):
+            ci, cj, h = self.codebooks(h, self.index[i], self.at[i + 1], self.index[i + 1], self.at[i + 2])
+            codes += [ci, cj]
+        if K % 2 == 1:  # K-2 codebooks in the middle, one of them left over
+            ci, h = self.codebook(h, self.index[K - 2], self.at[K - 1])
             codes.append(ci)
         codes.append(self.last(h, self.index[K - 1]))
         self.feed(codes, unit.codes, unit.hidden, unit.pos)
@@ -120,6 +144,12 @@ class FusedStep:
         x = torch.cat([hidden, F.embedding(c0[:, None], loop.depth_embed)], dim=1)
         h = loop.depth.forward(F.linear(x, loop.projector), 0)[:, -1:]
         return c0, h.clone(memory_format=torch.contiguous_format)  # as ``codebook`` returns it: one compile
+
+    def _codebooks(self, h: torch.Tensor, i: torch.Tensor, at: torch.Tensor, j: torch.Tensor,
+                   at_j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        ci, h = self._codebook(h, i, at)
+        cj, h = self._codebook(h, j, at_j)
+        return ci, cj, h
 
     def _codebook(self, h: torch.Tensor, i: torch.Tensor, at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loop = self.unit.loop
@@ -142,3 +172,9 @@ class FusedStep:
 
 def _inductor(fn: Callable[..., Any]) -> Callable[..., Any]:
     return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+def _inductor_cpu(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """On a CPU, each compiled piece's wrapper in C++: the per-kernel cost of a Python wrapper is
+    much of a small model's frame."""
+    return torch.compile(fn, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
