@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -130,6 +132,37 @@ def test_the_pieces_do_what_the_step_does(tiny_engine: Engine, greedy: bool, row
         outs.append(((torch.cat([unit.codes, unit.pos[:, None]], dim=1)), unit.hidden.clone()))
     assert torch.equal(outs[0][0], outs[1][0])
     assert agreement([outs[1]], [outs[0]], [], TOLERANCE[torch.float32]) is None
+
+
+@pytest.mark.parametrize("codebooks", [2, 3, 5])
+def test_the_pieces_do_what_the_step_does_for_any_number_of_codebooks(tmp_path: Path, codebooks: int) -> None:
+    """Codebooks 1 .. K-2 go two at a time; with an odd number of them (K odd), the last goes alone;
+    with none (K = 2), the frame is ``first``, ``last`` and ``feed``."""
+    from companion.testing.tiny_checkpoint import write_tiny_checkpoint
+
+    engine = Engine.load(str(write_tiny_checkpoint(tmp_path, codebooks=codebooks)), device="cpu", dtype="float32",
+                         max_seq_len=64)  # fmt: skip
+    calls: list[str] = []
+
+    def counted(fn: Callable[..., Any]) -> Callable[..., Any]:
+        return lambda *args: calls.append(fn.__name__) or fn(*args)
+
+    for greedy in (True, False):
+        unit = new_unit(engine.loop, greedy)
+        pieces = FusedStep(unit, counted)
+        start = torch.randn(unit.hidden.shape, generator=torch.Generator().manual_seed(codebooks))
+        outs = []
+        for run in (unit.step, pieces):
+            unit.load(start, 5)
+            unit.sampler.configure(0.8, 30, 9)
+            unit.sampler.begin_frame()
+            with torch.no_grad():
+                run()
+            outs.append(((torch.cat([unit.codes, unit.pos[:, None]], dim=1)), unit.hidden.clone()))
+        assert torch.equal(outs[0][0], outs[1][0])
+        assert agreement([outs[1]], [outs[0]], [], TOLERANCE[torch.float32]) is None
+    middle = ["_codebooks"] * ((codebooks - 2) // 2) + ["_codebook"] * ((codebooks - 2) % 2)
+    assert calls == 2 * (["_first", *middle, "_last", "_feed"])
 
 
 def test_fused_frames_from_the_pieces_give_eager_codes_greedy_and_sampled(tiny_engine: Engine, reference) -> None:
@@ -514,3 +547,25 @@ def test_a_code_just_above_the_kth_is_sure_only_by_more_than_the_tolerance() -> 
             assert float(forced.gaps[0]) == 0.0
             return
     raise AssertionError("no seed made code 3 the best")
+
+
+def test_the_compilers_vector_check_starts_early_on_a_cpu_only() -> None:
+    """Inductor's once-a-process check of the CPU's vector instructions (a test program built and loaded
+    in a fresh Python) starts beside the model's loading: done, the first compile finds its answer."""
+    from torch._inductor import cpu_vec_isa
+
+    from companion.engine import fused
+
+    def checks() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "companion-compiler-check"]
+
+    for earlier in checks():  # an engine of another test may have started one
+        earlier.join(300)
+    cpu_vec_isa.valid_vec_isa_list.cache_clear()
+    fused.check_compiler_early(torch.device("meta"))  # nothing to compile C++ for
+    assert checks() == [] and cpu_vec_isa.valid_vec_isa_list.cache_info().currsize == 0
+    fused.check_compiler_early(torch.device("cpu"))
+    (check,) = checks()
+    assert check.daemon  # never keeps the program from exiting
+    check.join(300)
+    assert cpu_vec_isa.valid_vec_isa_list.cache_info().currsize == 1
