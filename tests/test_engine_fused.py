@@ -556,16 +556,13 @@ def test_the_compilers_vector_check_starts_early_on_a_cpu_only() -> None:
 
     from companion.engine import fused
 
-    def checks() -> list[threading.Thread]:
-        return [t for t in threading.enumerate() if t.name == "companion-compiler-check"]
-
-    for earlier in checks():  # an engine of another test may have started one
-        earlier.join(300)
+    for earlier in [t for t in threading.enumerate() if t.name == "companion-compiler-check"]:
+        earlier.join(300)  # an engine of another test may have started one
     cpu_vec_isa.valid_vec_isa_list.cache_clear()
-    fused.check_compiler_early(torch.device("meta"))  # nothing to compile C++ for
-    assert checks() == [] and cpu_vec_isa.valid_vec_isa_list.cache_info().currsize == 0
-    fused.check_compiler_early(torch.device("cpu"))
-    (check,) = checks()
+    assert fused.check_compiler_early(torch.device("meta")) is None  # nothing to compile C++ for
+    assert cpu_vec_isa.valid_vec_isa_list.cache_info().currsize == 0
+    check = fused.check_compiler_early(torch.device("cpu"))
+    assert check is not None and check.name == "companion-compiler-check"
     assert check.daemon  # never keeps the program from exiting
     check.join(300)
     assert cpu_vec_isa.valid_vec_isa_list.cache_info().currsize == 1

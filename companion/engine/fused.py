@@ -57,12 +57,15 @@ def use_compile_cache(cache_dir: Path) -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "compiled"))
 
 
-def check_compiler_early(device: torch.device) -> None:
+def check_compiler_early(device: torch.device) -> threading.Thread | None:
     """On a CPU, start inductor's once-a-process check of which vector instructions its C++ code may use
     now, beside the model's loading: it builds a test program and loads it in a fresh Python (about a
-    second, mostly waiting), which the first compile would otherwise wait for."""
-    if device.type == "cpu":
-        threading.Thread(target=_check_vector_isa, name="companion-compiler-check", daemon=True).start()
+    second, mostly waiting), which the first compile would otherwise wait for. Returns the thread."""
+    if device.type != "cpu":
+        return None
+    check = threading.Thread(target=_check_vector_isa, name="companion-compiler-check", daemon=True)
+    check.start()
+    return check
 
 
 def _check_vector_isa() -> None:
