@@ -702,6 +702,7 @@ def test_chunks_of_any_shape_and_float_type_play_as_float32_samples(tmp_path: Pa
 def test_the_default_player_buffers_200_ms_and_ends_with_100_ms_of_silence() -> None:
     player = StandInPlayer()
     assert player.tail.dtype == np.float32 and len(player.tail) == 2400  # 100 ms at 24 kHz
+    assert player.prebuffer.minimum_s == 0.2
     sent = speechlike(1.0, seed=5)
     report = player.play(paced(player, sent, 0.01), expected_seconds=1.0)  # 8x real time
     assert report.prebuffered_s == pytest.approx(0.24)  # the first chunk boundary at or past 0.2 s
@@ -771,6 +772,27 @@ def test_a_device_that_fails_while_the_reply_is_generated_raises_its_error() -> 
     with pytest.raises(OSError, match="^the device went away$"):
         player.play(generating(), expected_seconds=2.0)
     assert player.devices[0].aborted and player.devices[0].closed
+
+
+def test_a_device_error_while_playing_is_said_in_the_users_words() -> None:
+    """PortAudio's own error from a write (the device unplugged, the server gone) comes out of play() as
+    the product's one-line error, with PortAudio's reason."""
+    import sounddevice as sd
+
+    class GoneDevice(Device):
+        def write(self, data: np.ndarray) -> bool:
+            raise sd.PortAudioError("Unanticipated host error", -9999)
+
+    class GonePlayer(StandInPlayer):
+        def open_stream(self) -> Device:
+            self.devices.append(GoneDevice(set()))
+            return self.devices[-1]
+
+    player = GonePlayer()
+    with pytest.raises(CompanionError) as err:
+        player.play(generated(speechlike(0.4)), expected_seconds=0.4)
+    assert str(err.value) == "the audio output failed (Unanticipated host error [PaErrorCode -9999])"
+    assert isinstance(err.value.__cause__, sd.PortAudioError)
 
 
 def test_a_wav_reply_that_is_cancelled_or_empty_reports_no_underrun(tmp_path: Path) -> None:
