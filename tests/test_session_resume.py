@@ -1,0 +1,152 @@
+"""Resuming a recorded conversation (``resume_session``), on the tiny checkpoint with a real SQLite history:
+which session comes back, what is said when none can, and what each voice comes back with (its codes,
+its profile and settings, a reference it got since), the voice store and reference cache the resumed
+session works with, and the positions its turns take."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_session import make_engine, make_settings
+
+from companion.engine import Engine
+from companion.errors import CompanionError
+from companion.refcache import ReferenceCache
+from companion.session import Session, resume_session
+from companion.store import Store
+from companion.voices import GenerationOverrides, VoiceProfile, VoiceStore
+
+SEQ = 2048
+
+
+OTHER = "guest_16k.wav"  # the same words recorded otherwise (16 kHz): other codes
+
+
+def profile(data_dir: Path, name: str, audio: str | None = "guest.mp3", speaker: int = 0, **kw: object) -> VoiceProfile:
+    if audio is None:
+        return VoiceProfile(name=name, speaker=speaker, **kw)  # type: ignore[arg-type]
+    return VoiceProfile(name=name, audio=[str(data_dir / audio)], transcript_file=str(data_dir / "guest.txt"),
+                        speaker=speaker, **kw)  # type: ignore[arg-type]  # fmt: skip
+
+
+def test_resume_takes_the_session_it_is_named_and_else_the_latest(tiny_model_dir: Path, data_dir: Path) -> None:
+    voices = VoiceStore()
+    voices.add(profile(data_dir, "guest"))
+    engine, settings = make_engine(tiny_model_dir, SEQ), make_settings(SEQ)
+    with Store() as store:
+        sessions = []
+        for line in ("One.", "Two."):
+            session = Session(engine, settings, store, voices)
+            list(session.speak(line, voice="guest"))
+            sessions.append(session.session_id)
+        named = resume_session(engine, settings, store, sessions[0], voices)
+        assert named.session_id == sessions[0] and [t.text for t in named.context.turns] == ["One."]
+        latest = resume_session(engine, settings, store, None, voices)
+        assert latest.session_id == sessions[1] and [t.text for t in latest.context.turns] == ["Two."]
+
+
+def test_nothing_to_resume_and_another_model_are_each_said_in_one_line(tiny_model_dir: Path, data_dir: Path) -> None:
+    voices = VoiceStore()
+    voices.add(profile(data_dir, "guest"))
+    engine, settings = make_engine(tiny_model_dir, SEQ), make_settings(SEQ)
+    with Store() as store:
+        with pytest.raises(CompanionError) as err:
+            resume_session(engine, settings, store, None, voices)
+        assert str(err.value) == "there is no saved conversation to resume: start one with `companion chat`"
+        session = Session(engine, settings, store, voices)
+        list(session.speak("One.", voice="guest"))
+        other = Engine(engine.model, engine.processor, "another/model", max_seq_len=SEQ)
+        with pytest.raises(CompanionError) as err:
+            resume_session(other, settings, store, session.session_id, voices)
+        assert str(err.value) == (
+            f"session {session.session_id} was recorded with model {engine.model_key!r}, not 'another/model': "
+            "resume it with that --model, or start a new conversation")
+
+
+def test_a_resumed_session_works_with_the_voice_store_and_cache_it_is_given(tiny_model_dir: Path,
+                                                                           data_dir: Path) -> None:  # fmt: skip
+    voices = VoiceStore()
+    voices.add(profile(data_dir, "guest"))
+    voices.add(profile(data_dir, "calm", speaker=1, generation=GenerationOverrides(temperature=0.5)))
+    voices.add(profile(data_dir, "later", audio=OTHER, speaker=2))
+    engine, settings = make_engine(tiny_model_dir, SEQ), make_settings(SEQ)
+    cache = ReferenceCache()
+    with Store() as store:
+        live = Session(engine, settings, store, voices, cache)
+        list(live.speak("guest: Hello. || calm: Hi."))
+        resumed = resume_session(engine, settings, store, live.session_id, voices, cache)
+        assert resumed.cache is cache  # one cache (and its lock) for every session of a server
+        calm = resumed.context.voices["calm"]
+        assert calm.generation == {"temperature": 0.5} and resumed.options(calm).temperature == 0.5
+        assert calm.profile is not None and calm.profile.name == "calm"
+        assert "later" in resumed.known_voices()  # a voice of the store the session never used
+        assert resumed.use_voice("later").codes is not None
+
+
+def test_a_voice_without_a_reference_bootstraps_one_after_resume_and_saves_it_with_its_profile(
+    tiny_model_dir: Path, data_dir: Path
+) -> None:
+    voices = VoiceStore()
+    voices.add(profile(data_dir, "guest"))
+    voices.add(profile(data_dir, "plain", audio=None, speaker=1))
+    engine, settings = make_engine(tiny_model_dir, SEQ), make_settings(SEQ)
+    with Store() as store:
+        live = Session(engine, settings, store, voices)
+        list(live.speak("One.", voice="guest"))
+        live.use_voice("plain")  # pinned without a reference: it has none yet
+        assert [v.codes is None for v in store.voices(live.session_id) if v.name == "plain"] == [True]
+        resumed = resume_session(engine, settings, store, live.session_id, voices)
+        plain = resumed.context.voices["plain"]
+        assert plain.codes is None and plain.profile is not None and plain.profile.name == "plain"
+        list(resumed.speak("Hello there.", voice="plain"))
+        assert voices.get("plain").audio  # the reference it made is the profile's now
+
+
+def test_a_voice_that_got_a_reference_since_comes_back_with_it_and_its_speaker(tiny_model_dir: Path,
+                                                                              data_dir: Path) -> None:  # fmt: skip
+    voices = VoiceStore()
+    voices.add(profile(data_dir, "guest"))
+    voices.add(profile(data_dir, "plain", audio=None))
+    engine, settings = make_engine(tiny_model_dir, SEQ), make_settings(SEQ)
+    with Store() as store:
+        live = Session(engine, settings, store, voices)
+        list(live.speak("One.", voice="guest"))
+        speaker = live.use_voice("plain").speaker  # moved off guest's speaker 0
+        assert speaker == 1
+        voices.add(profile(data_dir, "plain", audio=OTHER), force=True)  # given a recording since
+        resumed = resume_session(engine, settings, store, live.session_id, voices)
+        plain = resumed.context.voices["plain"]
+        fresh = Session(engine, settings, None, voices).use_voice("plain")
+        assert plain.codes is not None and torch.equal(plain.codes, fresh.codes) and plain.speaker == speaker
+        [recorded] = [v for v in store.voices(live.session_id) if v.name == "plain"]
+        assert recorded.codes is not None and torch.equal(recorded.codes, plain.codes) and recorded.speaker == speaker
+
+
+def test_a_voice_keeps_its_recorded_reference_when_its_profile_changed(tiny_model_dir: Path, data_dir: Path) -> None:
+    voices = VoiceStore()
+    voices.add(profile(data_dir, "guest"))
+    engine, settings = make_engine(tiny_model_dir, SEQ), make_settings(SEQ)
+    with Store() as store:
+        live = Session(engine, settings, store, voices)
+        list(live.speak("One.", voice="guest"))
+        recorded = live.context.voices["guest"].codes
+        voices.add(profile(data_dir, "guest", audio=OTHER), force=True)
+        assert not torch.equal(Session(engine, settings, None, voices).use_voice("guest").codes, recorded)
+        resumed = resume_session(engine, settings, store, live.session_id, voices)
+        assert recorded is not None and torch.equal(resumed.context.voices["guest"].codes, recorded)
+
+
+def test_resumed_turns_take_the_positions_they_took_live(tiny_model_dir: Path, data_dir: Path) -> None:
+    voices = VoiceStore()
+    voices.add(profile(data_dir, "guest"))
+    voices.add(profile(data_dir, "host", audio=OTHER, speaker=1))
+    engine, settings = make_engine(tiny_model_dir, SEQ), make_settings(SEQ)
+    with Store() as store:
+        live = Session(engine, settings, store, voices)
+        list(live.speak("guest: One more time. || host: And again, please."))
+        resumed = resume_session(engine, settings, store, live.session_id, voices)
+        assert [(t.speaker, t.text, t.positions) for t in resumed.context.turns] == [
+            (t.speaker, t.text, t.positions) for t in live.context.turns]
+        assert resumed.context_used() == live.context_used()
