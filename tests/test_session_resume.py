@@ -19,6 +19,7 @@ from companion.store import Store
 from companion.voices import GenerationOverrides, VoiceProfile, VoiceStore
 
 SEQ = 2048
+TIGHT = 512  # guest's reference and another recording of it do not both fit
 
 
 OTHER = "guest_16k.wav"  # the same words recorded otherwise (16 kHz): other codes
@@ -150,3 +151,65 @@ def test_resumed_turns_take_the_positions_they_took_live(tiny_model_dir: Path, d
         assert [(t.speaker, t.text, t.positions) for t in resumed.context.turns] == [
             (t.speaker, t.text, t.positions) for t in live.context.turns]
         assert resumed.context_used() == live.context_used()
+
+
+def test_turns_come_back_with_their_numbers_and_voices_and_numbering_goes_on(tiny_model_dir: Path,
+                                                                           data_dir: Path) -> None:  # fmt: skip
+    """The next turn and the next exchange are numbered after the last recorded ones (three exchanges:
+    the last, not the first or second, decides), and a $CLEAR$ right after resuming starts the
+    conversation after them: what was said before it never comes back."""
+    voices = VoiceStore()
+    voices.add(profile(data_dir, "guest"))
+    voices.add(profile(data_dir, "host", audio=OTHER, speaker=1))
+    engine, settings = make_engine(tiny_model_dir, SEQ), make_settings(SEQ)
+    with Store() as store:
+        live = Session(engine, settings, store, voices)
+        list(live.speak("guest: One. || host: Two."))
+        for line in ("a", "b", "c"):
+            live.record(live.new_exchange(line))
+        resumed = resume_session(engine, settings, store, live.session_id, voices)
+        assert [(t.seq, t.voice) for t in resumed.context.turns] == [(t.seq, t.voice) for t in live.context.turns]
+        assert resumed.new_exchange("d").seq == 4
+        resumed.clear()
+        assert list(resume_session(engine, settings, store, live.session_id, voices).context.turns) == []
+        list(resumed.speak("Three.", voice="guest"))
+        again = resume_session(engine, settings, store, live.session_id, voices)
+        assert [(t.seq, t.text) for t in again.context.turns] == [(3, "Three.")]
+
+
+def test_a_conversation_of_exchanges_only_resumes_with_no_voice_and_numbers_from_one(tiny_model_dir: Path,
+                                                                                   data_dir: Path) -> None:  # fmt: skip
+    """A talk-back exchange recorded before anything was spoken: no voice, no turn. Resumed, nothing is
+    active, and after a $CLEAR$ the first turn (number 1) belongs to the conversation."""
+    voices = VoiceStore()
+    voices.add(profile(data_dir, "guest"))
+    engine, settings = make_engine(tiny_model_dir, SEQ), make_settings(SEQ)
+    with Store() as store:
+        live = Session(engine, settings, store, voices)
+        live.record(live.new_exchange("Are you there?"))
+        resumed = resume_session(engine, settings, store, live.session_id, voices)
+        assert resumed.active is None and list(resumed.context.voices) == [] and list(resumed.context.turns) == []
+        resumed.clear()
+        list(resumed.speak("Yes.", voice="guest"))
+        again = resume_session(engine, settings, store, live.session_id, voices)
+        assert [(t.seq, t.text) for t in again.context.turns] == [(1, "Yes.")] and again.active == "guest"
+        fresh = Session(engine, settings, store, voices)  # a conversation with turns and no exchange
+        list(fresh.speak("Hello.", voice="guest"))
+        assert resume_session(engine, settings, store, fresh.session_id, voices).new_exchange("x").seq == 1
+
+
+def test_an_active_voice_dropped_to_make_room_is_not_active_after_resume(tiny_model_dir: Path, data_dir: Path) -> None:
+    """guest is chosen (recorded as active), then a line for host, whose reference does not fit beside
+    guest's, drops guest: resumed, the active voice is one the session still has."""
+    voices = VoiceStore()
+    voices.add(profile(data_dir, "guest"))
+    voices.add(profile(data_dir, "host", audio=OTHER))
+    engine, settings = make_engine(tiny_model_dir, TIGHT), make_settings(TIGHT, seconds=0.8)
+    with Store() as store:
+        live = Session(engine, settings, store, voices)
+        live.use_voice("guest")
+        list(live.speak("Yes."))
+        list(live.speak("host: Hi."))
+        assert list(live.context.voices) == ["host"] and live.active == "host"
+        resumed = resume_session(engine, settings, store, live.session_id, voices)
+        assert list(resumed.context.voices) == ["host"] and resumed.active == "host"
