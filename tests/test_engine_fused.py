@@ -121,12 +121,21 @@ def test_the_pieces_do_what_the_step_does(tiny_engine: Engine, greedy: bool, row
         unit.sampler.noise.uniform_(generator=generator)
     elif not greedy:
         unit.sampler.configure(0.8, 30, 9)
-    outs = []
-    for run in (unit.step, pieces):
+    def prepare() -> None:
         unit.load(start, positions if rows > 1 else positions[0])
         if rows == 1:
             unit.sampler.configure(0.8, 30, 9) if not greedy else None
             unit.sampler.begin_frame()
+
+    step_and_pieces_agree(unit, pieces, prepare)
+
+
+def step_and_pieces_agree(unit: GraphedFrame, pieces: FusedStep, prepare: Callable[[], None]) -> None:
+    """One frame by the step, then by the pieces, each after ``prepare()`` loads the same state and noise:
+    the same codes and positions, hidden states within float32's tolerance."""
+    outs = []
+    for run in (unit.step, pieces):
+        prepare()
         with torch.no_grad():
             run()
         outs.append(((torch.cat([unit.codes, unit.pos[:, None]], dim=1)), unit.hidden.clone()))
@@ -151,16 +160,13 @@ def test_the_pieces_do_what_the_step_does_for_any_number_of_codebooks(tmp_path: 
         unit = new_unit(engine.loop, greedy)
         pieces = FusedStep(unit, counted)
         start = torch.randn(unit.hidden.shape, generator=torch.Generator().manual_seed(codebooks))
-        outs = []
-        for run in (unit.step, pieces):
+
+        def prepare(unit: GraphedFrame = unit, start: torch.Tensor = start) -> None:
             unit.load(start, 5)
             unit.sampler.configure(0.8, 30, 9)
             unit.sampler.begin_frame()
-            with torch.no_grad():
-                run()
-            outs.append(((torch.cat([unit.codes, unit.pos[:, None]], dim=1)), unit.hidden.clone()))
-        assert torch.equal(outs[0][0], outs[1][0])
-        assert agreement([outs[1]], [outs[0]], [], TOLERANCE[torch.float32]) is None
+
+        step_and_pieces_agree(unit, pieces, prepare)
     middle = ["_codebooks"] * ((codebooks - 2) // 2) + ["_codebook"] * ((codebooks - 2) % 2)
     assert calls == 2 * (["_first", *middle, "_last", "_feed"])
 

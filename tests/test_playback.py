@@ -323,10 +323,8 @@ def test_a_reply_sets_the_remembered_speed_from_its_own_generation() -> None:
     assert player.prebuffer.rate == pytest.approx(0.5 * 1.2 / 0.56 + 0.5 * 1.2 / (15 * 0.08 - 0.08))
 
 
-@pytest.mark.parametrize("hold_at", [10, 12])  # inside a chunk of four writes, and its last write
-def test_stop_from_another_thread_drops_what_the_device_holds(hold_at: int) -> None:
-    """The device blocks at a write (its buffer is full); stop() meanwhile: that write is the last one."""
-    player = StandInPlayer(hold_at=hold_at)
+def stopped_while_held(player: StandInPlayer) -> tuple[Any, Device]:
+    """Play 1.2 s on another thread; once the device blocks at its held write, stop() and release it."""
     result: dict[str, Any] = {}
     thread = threading.Thread(target=lambda: result.update(report=player.play(generated(speechlike(1.2)))))
     thread.start()
@@ -339,7 +337,15 @@ def test_stop_from_another_thread_drops_what_the_device_holds(hold_at: int) -> N
     player.stop()
     device.released.set()
     thread.join(60)
-    assert result["report"].cancelled and device.aborted and device.stops == 0
+    return result["report"], device
+
+
+@pytest.mark.parametrize("hold_at", [10, 12])  # inside a chunk of four writes, and its last write
+def test_stop_from_another_thread_drops_what_the_device_holds(hold_at: int) -> None:
+    """The device blocks at a write (its buffer is full); stop() meanwhile: that write is the last one."""
+    player = StandInPlayer(hold_at=hold_at)
+    report, device = stopped_while_held(player)
+    assert report.cancelled and device.aborted and device.stops == 0
     assert len(device.pieces) == hold_at and device.closed
     assert player.clock.waits == []  # type: ignore[attr-defined]  # a stopped reply does not wait for its end
 
@@ -413,19 +419,8 @@ def test_a_device_that_cannot_abort_still_stops_quietly(monkeypatch: pytest.Monk
     monkeypatch.setattr(threading, "excepthook", lambda args: escaped.append(args.exc_value))
     player = StandInPlayer(hold_at=12)
     player.open_stream = lambda: player.devices.append(UnabortableDevice(set(), 12)) or player.devices[-1]  # type: ignore[method-assign]
-    result: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: result.update(report=player.play(generated(speechlike(1.2)))))
-    thread.start()
-    for _ in range(6000):  # until the stream is open: counted, not timed
-        if player.devices:
-            break
-        threading.Event().wait(0.005)
-    device = player.devices[0]
-    assert device.held.wait(60)
-    player.stop()
-    device.released.set()
-    thread.join(60)
-    assert result["report"].cancelled and device.aborted and device.closed and escaped == []
+    report, device = stopped_while_held(player)
+    assert report.cancelled and device.aborted and device.closed and escaped == []
 
 
 def test_a_cancel_inside_a_reply_stops_handing_audio_over() -> None:

@@ -32,9 +32,16 @@ def profile(data_dir: Path, name: str, audio: str | None = "guest.mp3", speaker:
                         speaker=speaker, **kw)  # type: ignore[arg-type]  # fmt: skip
 
 
-def test_resume_takes_the_session_it_is_named_and_else_the_latest(tiny_model_dir: Path, data_dir: Path) -> None:
+def voices_with(data_dir: Path, *more: VoiceProfile) -> VoiceStore:
+    """A voice store with guest (speaker 0, guest.mp3) and ``more``."""
     voices = VoiceStore()
-    voices.add(profile(data_dir, "guest"))
+    for each in (profile(data_dir, "guest"), *more):
+        voices.add(each)
+    return voices
+
+
+def test_resume_takes_the_session_it_is_named_and_else_the_latest(tiny_model_dir: Path, data_dir: Path) -> None:
+    voices = voices_with(data_dir)
     engine, settings = make_engine(tiny_model_dir, SEQ), make_settings(SEQ)
     with Store() as store:
         sessions = []
@@ -49,8 +56,7 @@ def test_resume_takes_the_session_it_is_named_and_else_the_latest(tiny_model_dir
 
 
 def test_nothing_to_resume_and_another_model_are_each_said_in_one_line(tiny_model_dir: Path, data_dir: Path) -> None:
-    voices = VoiceStore()
-    voices.add(profile(data_dir, "guest"))
+    voices = voices_with(data_dir)
     engine, settings = make_engine(tiny_model_dir, SEQ), make_settings(SEQ)
     with Store() as store:
         with pytest.raises(CompanionError) as err:
@@ -68,10 +74,8 @@ def test_nothing_to_resume_and_another_model_are_each_said_in_one_line(tiny_mode
 
 def test_a_resumed_session_works_with_the_voice_store_and_cache_it_is_given(tiny_model_dir: Path,
                                                                            data_dir: Path) -> None:  # fmt: skip
-    voices = VoiceStore()
-    voices.add(profile(data_dir, "guest"))
-    voices.add(profile(data_dir, "calm", speaker=1, generation=GenerationOverrides(temperature=0.5)))
-    voices.add(profile(data_dir, "later", audio=OTHER, speaker=2))
+    voices = voices_with(data_dir, profile(data_dir, "calm", speaker=1, generation=GenerationOverrides(temperature=0.5)),
+                         profile(data_dir, "later", audio=OTHER, speaker=2))  # fmt: skip
     engine, settings = make_engine(tiny_model_dir, SEQ), make_settings(SEQ)
     cache = ReferenceCache()
     with Store() as store:
@@ -89,9 +93,7 @@ def test_a_resumed_session_works_with_the_voice_store_and_cache_it_is_given(tiny
 def test_a_voice_without_a_reference_bootstraps_one_after_resume_and_saves_it_with_its_profile(
     tiny_model_dir: Path, data_dir: Path
 ) -> None:
-    voices = VoiceStore()
-    voices.add(profile(data_dir, "guest"))
-    voices.add(profile(data_dir, "plain", audio=None, speaker=1))
+    voices = voices_with(data_dir, profile(data_dir, "plain", audio=None, speaker=1))
     engine, settings = make_engine(tiny_model_dir, SEQ), make_settings(SEQ)
     with Store() as store:
         live = Session(engine, settings, store, voices)
@@ -107,9 +109,7 @@ def test_a_voice_without_a_reference_bootstraps_one_after_resume_and_saves_it_wi
 
 def test_a_voice_that_got_a_reference_since_comes_back_with_it_and_its_speaker(tiny_model_dir: Path,
                                                                               data_dir: Path) -> None:  # fmt: skip
-    voices = VoiceStore()
-    voices.add(profile(data_dir, "guest"))
-    voices.add(profile(data_dir, "plain", audio=None))
+    voices = voices_with(data_dir, profile(data_dir, "plain", audio=None))
     engine, settings = make_engine(tiny_model_dir, SEQ), make_settings(SEQ)
     with Store() as store:
         live = Session(engine, settings, store, voices)
@@ -126,8 +126,7 @@ def test_a_voice_that_got_a_reference_since_comes_back_with_it_and_its_speaker(t
 
 
 def test_a_voice_keeps_its_recorded_reference_when_its_profile_changed(tiny_model_dir: Path, data_dir: Path) -> None:
-    voices = VoiceStore()
-    voices.add(profile(data_dir, "guest"))
+    voices = voices_with(data_dir)
     engine, settings = make_engine(tiny_model_dir, SEQ), make_settings(SEQ)
     with Store() as store:
         live = Session(engine, settings, store, voices)
@@ -139,28 +138,13 @@ def test_a_voice_keeps_its_recorded_reference_when_its_profile_changed(tiny_mode
         assert recorded is not None and torch.equal(resumed.context.voices["guest"].codes, recorded)
 
 
-def test_resumed_turns_take_the_positions_they_took_live(tiny_model_dir: Path, data_dir: Path) -> None:
-    voices = VoiceStore()
-    voices.add(profile(data_dir, "guest"))
-    voices.add(profile(data_dir, "host", audio=OTHER, speaker=1))
-    engine, settings = make_engine(tiny_model_dir, SEQ), make_settings(SEQ)
-    with Store() as store:
-        live = Session(engine, settings, store, voices)
-        list(live.speak("guest: One more time. || host: And again, please."))
-        resumed = resume_session(engine, settings, store, live.session_id, voices)
-        assert [(t.speaker, t.text, t.positions) for t in resumed.context.turns] == [
-            (t.speaker, t.text, t.positions) for t in live.context.turns]
-        assert resumed.context_used() == live.context_used()
-
-
-def test_turns_come_back_with_their_numbers_and_voices_and_numbering_goes_on(tiny_model_dir: Path,
+def test_turns_come_back_as_they_were_and_numbering_goes_on(tiny_model_dir: Path,
                                                                            data_dir: Path) -> None:  # fmt: skip
-    """The next turn and the next exchange are numbered after the last recorded ones (three exchanges:
+    """Turns come back with their numbers, voices, speakers and positions; the next turn and the next
+    exchange are numbered after the last recorded ones (three exchanges:
     the last, not the first or second, decides), and a $CLEAR$ right after resuming starts the
     conversation after them: what was said before it never comes back."""
-    voices = VoiceStore()
-    voices.add(profile(data_dir, "guest"))
-    voices.add(profile(data_dir, "host", audio=OTHER, speaker=1))
+    voices = voices_with(data_dir, profile(data_dir, "host", audio=OTHER, speaker=1))
     engine, settings = make_engine(tiny_model_dir, SEQ), make_settings(SEQ)
     with Store() as store:
         live = Session(engine, settings, store, voices)
@@ -168,7 +152,9 @@ def test_turns_come_back_with_their_numbers_and_voices_and_numbering_goes_on(tin
         for line in ("a", "b", "c"):
             live.record(live.new_exchange(line))
         resumed = resume_session(engine, settings, store, live.session_id, voices)
-        assert [(t.seq, t.voice) for t in resumed.context.turns] == [(t.seq, t.voice) for t in live.context.turns]
+        assert [(t.seq, t.voice, t.speaker, t.text, t.positions) for t in resumed.context.turns] == [
+            (t.seq, t.voice, t.speaker, t.text, t.positions) for t in live.context.turns]
+        assert resumed.context_used() == live.context_used()  # the same positions as live
         assert resumed.new_exchange("d").seq == 4
         resumed.clear()
         assert list(resume_session(engine, settings, store, live.session_id, voices).context.turns) == []
@@ -181,8 +167,7 @@ def test_a_conversation_of_exchanges_only_resumes_with_no_voice_and_numbers_from
                                                                                    data_dir: Path) -> None:  # fmt: skip
     """A talk-back exchange recorded before anything was spoken: no voice, no turn. Resumed, nothing is
     active, and after a $CLEAR$ the first turn (number 1) belongs to the conversation."""
-    voices = VoiceStore()
-    voices.add(profile(data_dir, "guest"))
+    voices = voices_with(data_dir)
     engine, settings = make_engine(tiny_model_dir, SEQ), make_settings(SEQ)
     with Store() as store:
         live = Session(engine, settings, store, voices)
@@ -201,9 +186,7 @@ def test_a_conversation_of_exchanges_only_resumes_with_no_voice_and_numbers_from
 def test_an_active_voice_dropped_to_make_room_is_not_active_after_resume(tiny_model_dir: Path, data_dir: Path) -> None:
     """guest is chosen (recorded as active), then a line for host, whose reference does not fit beside
     guest's, drops guest: resumed, the active voice is one the session still has."""
-    voices = VoiceStore()
-    voices.add(profile(data_dir, "guest"))
-    voices.add(profile(data_dir, "host", audio=OTHER))
+    voices = voices_with(data_dir, profile(data_dir, "host", audio=OTHER))
     engine, settings = make_engine(tiny_model_dir, TIGHT), make_settings(TIGHT, seconds=0.8)
     with Store() as store:
         live = Session(engine, settings, store, voices)
