@@ -174,14 +174,14 @@ def test_the_pieces_do_what_the_step_does_for_any_number_of_codebooks(tmp_path: 
 def test_fused_frames_from_the_pieces_give_eager_codes_greedy_and_sampled(tiny_engine: Engine, reference) -> None:
     fusion = Fusion(as_written)
     fused, eager = engine_with(tiny_engine, fusion), engine_with(tiny_engine, None)
-    narrow = dataclasses.replace(SAMPLED, topk=7)
-    for options in (GREEDY, SAMPLED, narrow, GREEDY, SAMPLED):
+    narrow, beyond = dataclasses.replace(SAMPLED, topk=7), dataclasses.replace(SAMPLED, topk=4096)
+    for options in (GREEDY, SAMPLED, narrow, GREEDY, SAMPLED, beyond):
         assert torch.equal(codes_of(fused, reference, options), codes_of(eager, reference, options))
     assert fusion.off is None
-    # On a CPU a sampled unit ranks exactly its top-k: one unit for each top-k used.
-    assert fused.graphs is not None and set(fused.graphs.checked) == {(1, True, None), (1, False, 40), (1, False, 7)}
-    assert {k: u.sampler.width for k, u in fused.graphs.units.items()} == {(1, True, None): 1, (1, False, 40): 40,
-                                                                           (1, False, 7): 7}  # fmt: skip
+    # On a CPU a sampled unit ranks exactly its top-k (at most every code there is): one unit for each.
+    widths = {(1, True, None): 1, (1, False, 40): 40, (1, False, 7): 7, (1, False, 2048): 2048}
+    assert fused.graphs is not None and fused.graphs.checked == set(widths)
+    assert {k: u.sampler.width for k, u in fused.graphs.units.items()} == widths
     # The cache holds the prompt and the frames fed back, nothing the self-check wrote.
     prompt = fused.last_stats.prompt_positions
     assert torch.equal(fused.loop.rows[:prompt], fused.prompt.prompt_rows(reference, 0, TEXT))
