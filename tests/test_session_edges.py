@@ -14,8 +14,9 @@ from test_session import add_profile, make_engine, make_settings
 
 from companion.errors import CompanionError
 from companion.session import Session, resume_session
-from companion.session.context import MIN_TEXT_POSITIONS
+from companion.session.context import MIN_TEXT_POSITIONS, Voice
 from companion.store import Exchange, Store
+from companion.voices import VoiceProfile, VoiceStore
 
 SECONDS = 4.0  # 50 frames a segment at most (the context has to be at least 64 positions)
 TEXT = "Yes."
@@ -125,3 +126,51 @@ def test_a_cancel_during_the_prompt_leaves_a_segment_of_no_frames(tiny_model_dir
     fresh = Session(make_engine(tiny_model_dir, 2048), settings, None, voices)
     list(fresh.speak("First.", voice="guest"))
     assert np.array_equal(after, np.concatenate(list(fresh.speak("Second.", voice="guest"))))
+
+
+def test_a_voice_without_a_reference_beside_another_takes_only_the_room_left_after_it(tiny_model_dir: Path,
+                                                                                     data_dir: Path) -> None:  # fmt: skip
+    """guest's reference is pinned; plain, with none, makes one in what the context has left after it:
+    exactly two frames here."""
+    probe = Session(make_engine(tiny_model_dir, 1024), make_settings(1024, seconds=SECONDS), None,
+                    add_profile(data_dir, "guest"))  # fmt: skip
+    others = probe.use_voice("guest").positions
+    max_seq_len = needed(probe.engine) + others + 2
+    voices = VoiceStore()
+    for profile in (VoiceProfile(name="guest", audio=[str(data_dir / "guest.mp3")], transcript_file=str(data_dir / "guest.txt")),
+                    VoiceProfile(name="plain", speaker=1)):  # fmt: skip
+        voices.add(profile, force=True)
+    session = Session(make_engine(tiny_model_dir, max_seq_len), make_settings(max_seq_len, seconds=SECONDS), None, voices)
+    session.use_voice("guest")
+    assert list(session.speak(TEXT, voice="plain"))
+    reference = session.context.voices["plain"].codes
+    assert reference is not None and reference.shape[1] == 2 and list(session.context.voices) == ["guest", "plain"]
+
+
+def test_a_reference_made_after_turns_keeps_them_in_the_conversation_for_resume(tiny_model_dir: Path,
+                                                                               data_dir: Path) -> None:  # fmt: skip
+    voices = add_profile(data_dir, "guest")
+    voices.add(VoiceProfile(name="plain", speaker=1))
+    engine, settings = make_engine(tiny_model_dir, 2048), make_settings(2048, seconds=SECONDS)
+    with Store() as store:
+        session = Session(engine, settings, store, voices)
+        for line in ("One.", "Two."):
+            list(session.speak(line, voice="guest"))
+        list(session.speak("Hello.", voice="plain"))  # plain's reference is made now
+        resumed = resume_session(engine, settings, store, session.session_id, voices)
+        assert [t.text for t in resumed.context.turns] == ["One.", "Two."]
+
+
+def test_a_session_without_a_voice_store_says_so_and_keeps_a_made_reference_in_memory(tiny_model_dir: Path,
+                                                                                      data_dir: Path) -> None:  # fmt: skip
+    engine, settings = make_engine(tiny_model_dir, 1024), make_settings(1024, seconds=SECONDS)
+    session = Session(engine, settings, None, None)
+    assert session.context_budget() == 1024 - session.max_frames()
+    with pytest.raises(CompanionError) as err:
+        list(session.speak("Hello.", voice="ghost"))
+    assert str(err.value) == "unknown voice 'ghost': this session has no voice store to load it from"
+    # A voice added by hand, with the profile it came from but no store to save into: its reference stays
+    # in this session's memory.
+    session.add_voice(Voice("plain", 0, None, None, profile=VoiceProfile(name="plain")))
+    assert list(session.speak("Hello.", voice="plain"))
+    assert session.context.voices["plain"].codes is not None
