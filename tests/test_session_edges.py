@@ -174,3 +174,22 @@ def test_a_session_without_a_voice_store_says_so_and_keeps_a_made_reference_in_m
     session.add_voice(Voice("plain", 0, None, None, profile=VoiceProfile(name="plain")))
     assert list(session.speak("Hello.", voice="plain"))
     assert session.context.voices["plain"].codes is not None
+
+
+def test_the_sessions_settings_reach_its_context_its_statistics_and_its_segments(tiny_model_dir: Path,
+                                                                                data_dir: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The configured prune target is the context's; statistics keep the last STATS_KEPT segments; a
+    segment reserves at least one frame however short the configured segment."""
+    import companion.session.session as module
+
+    monkeypatch.setattr(module, "STATS_KEPT", 2)
+    settings = make_settings(1024, seconds=SECONDS)
+    settings.context.prune_to = 0.3
+    session = Session(make_engine(tiny_model_dir, 1024), settings, None, add_profile(data_dir, "guest"))
+    assert session.context.prune_to == 0.3
+    for line in ("One.", "Two.", "Three."):
+        list(session.speak(line, voice="guest"))
+    assert [s.text for s in session.stats] == ["Two.", "Three."]
+    short = Session(session.engine, make_settings(1024, seconds=0.01), None, None)
+    assert short.max_frames() == 1
