@@ -77,3 +77,10 @@ def speech_24k(data_dir: Path):  # -> Callable[[str, float], np.ndarray]
         return np.ascontiguousarray(mono[: int(seconds * 24000)], dtype=np.float32)
 
     return load
+
+
+@pytest.fixture(scope="session")
+def inductor_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One compile cache for the tests that compile with inductor (mark them ``xdist_group("inductor")``:
+    on one worker, the first compiles and the others find its code)."""
+    return tmp_path_factory.mktemp("inductor")

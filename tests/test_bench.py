@@ -127,7 +127,7 @@ def test_the_engine_and_the_baseline_are_measured_in_interleaved_pairs(tiny_engi
         patch.setattr(bench, "engine_run", engine_run)
         patch.setattr(bench, "baseline_ms_per_frame", baseline)
         eng, base, pairs, _ = bench.speed_pairs(tiny_engine, bench.reference(tiny_engine, 20), opts, lambda t: None)
-    assert order == ["engine", "baseline"] * 4  # the warm-ups, then three pairs
+    assert order == ["engine", "engine", "baseline"] + ["engine", "baseline"] * 3  # the warm-ups, then three pairs
     runs = zip(eng["ms_per_frame_runs"], base["ms_per_frame_runs"], strict=True)
     assert pairs == [a / b for a, b in runs]
 

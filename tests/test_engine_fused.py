@@ -84,11 +84,12 @@ class Perturbing:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("inductor")
 def test_compiled_frames_give_the_eager_codes_for_48_greedy_frames(
-    tiny_engine: Engine, reference, tmp_path, monkeypatch: pytest.MonkeyPatch
+    tiny_engine: Engine, reference, inductor_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """float32: inductor's fused kernels give the step-by-step path's codes, frame for frame."""
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compiled"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache))
     fusion = Fusion()
     fused = engine_with(tiny_engine, fusion)
     options = GenerationOptions(temperature=0.0, topk=1, max_frames=48)
@@ -461,6 +462,8 @@ def test_one_line_before_compiling_into_an_empty_cache(tmp_path, monkeypatch: py
     cache = tmp_path / "compiled"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
     monkeypatch.setattr(fused, "_told", set())
+    (cache / "locks").mkdir(parents=True)  # what the vector check (started at load) keeps: no compiled code
+    (cache / "q6").mkdir()
     with caplog.at_level(logging.WARNING, logger="companion.engine.fused"):
         fused.first_compile_notice()
         fused.first_compile_notice()  # once a process
@@ -468,7 +471,6 @@ def test_one_line_before_compiling_into_an_empty_cache(tmp_path, monkeypatch: py
             "compiling the speech model's frame step for this machine (the first start only: a minute or more; "
             "later starts reuse it, and engine.compile: off skips it)"]
         monkeypatch.setattr(fused, "_told", set())
-        cache.mkdir()
         (cache / "fxgraph").mkdir()  # what an earlier start compiled: nothing to say
         fused.first_compile_notice()
     assert len(caplog.records) == 1
@@ -503,6 +505,23 @@ def test_compiled_code_is_kept_in_companions_cache_unless_the_user_chose_a_place
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     use_compile_cache(tmp_path / "cache")
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+def test_the_place_importing_torch_dynamo_sets_is_no_choice_of_the_users(tmp_path, monkeypatch) -> None:
+    """Importing torch._dynamo sets TORCHINDUCTOR_CACHE_DIR to inductor's default (a folder under /tmp
+    that a reboot empties): companion's cache replaces it, in a fresh process as the product starts."""
+    import subprocess
+    import sys
+
+    code = ("import os, torch._dynamo; before = os.environ['TORCHINDUCTOR_CACHE_DIR']\n"
+            "from companion.engine.engine import fusion_for\n"
+            "fusion_for('on', torch.device('cpu')); print(before); print(os.environ['TORCHINDUCTOR_CACHE_DIR'])")
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env["COMPANION_HOME"] = str(tmp_path / "home")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    before, after = out.stdout.split()
+    assert os.path.basename(before).startswith("torchinductor_")
+    assert after == str((tmp_path / "home").resolve() / "cache" / "compiled")
 
 
 def test_the_relative_difference_holds_for_small_hidden_states() -> None:

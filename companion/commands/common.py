@@ -27,7 +27,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="CPU threads for the model (default: engine.threads in config, else torch's own choice)")
     g.add_argument("--compile", choices=["auto", "on", "off"],
                    help="compile each frame's work into fewer, larger steps (default: engine.compile in config, "
-                        "else auto: on with an NVIDIA GPU); the first start on a machine compiles, later ones reuse it")
+                        "else auto: on with an NVIDIA GPU); it compiles while the first replies are spoken (a minute or more "
+                        "on a machine's first start, seconds later)")
 
 
 def settings_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Settings:

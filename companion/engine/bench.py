@@ -319,6 +319,14 @@ def random_engine(
 # ---- the whole bench ------------------------------------------------------------------------------
 
 
+def warm_up(engine: Engine, opts: BenchOptions) -> None:
+    """Two short turns: the first starts compiling its frame beside generation (when frames are
+    compiled), which is waited for, so that the second records and checks the compiled frame."""
+    engine_run(engine, [], TURNS[0], 2, opts)
+    engine.wait_compiled()
+    engine_run(engine, [], TURNS[0], 2, opts)
+
+
 def speed_pairs(
     engine: Engine, short_ref: Segment, opts: BenchOptions, log: Callable[[str], None]
 ) -> tuple[dict[str, Any], dict[str, Any], list[float], torch.Tensor]:
@@ -327,7 +335,7 @@ def speed_pairs(
     Returns the engine's numbers, the baseline's, each pair's engine / baseline ratio, and the codes of
     the engine's best run."""
     log("speed: the engine and transformers' generate, interleaved")
-    engine_run(engine, [], TURNS[0], 2, opts)  # warm-ups
+    warm_up(engine, opts)
     baseline_ms_per_frame(engine, [short_ref], TURNS[0], BenchOptions(2, 1, opts.temperature, opts.topk), warm_up=False)
     runs, baseline_runs, pairs = [], [], []
     for i in range(opts.repeats):
@@ -354,7 +362,7 @@ def engine_section(
     """The engine's prefill, first-audio and memory numbers."""
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)
-    engine_run(engine, [], TURNS[0], 2, opts)  # warm-up
+    warm_up(engine, opts)
     eng: dict[str, Any] = {}
     # Step 1: turn prefill after a cached 10 s and 120 s reference; first audio with the 120 s one.
     log("engine: prefill after a cached 10 s reference")

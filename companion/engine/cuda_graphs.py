@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from companion.engine.frames import FrameLoop
-from companion.engine.fused import Compiler, FusedStep, Fusion, first_compile_notice
+from companion.engine.fused import Compiler, Compiling, FusedStep, Fusion, first_compile_notice
 from companion.engine.sampling import BatchSampler, Sampler
 from companion.engine.self_check import self_check
 
@@ -203,6 +203,7 @@ class FrameGraphs:
         self.loop, self.capture, self.fusion, self.fused_only = loop, capture, fusion, fused_only
         self.units: dict[Key, GraphedFrame] = {}  # (streams, greedy, width) -> unit
         self.checked: set[Key] = set()
+        self.jobs: dict[Key, Compiling] = {}  # units compiling (or compiled) beside generation
 
     @property
     def fusing(self) -> bool:
@@ -268,34 +269,82 @@ class FrameGraphs:
 
     def _unit(self, rows: int, greedy: bool, batched: bool, width: int | None = None) -> GraphedFrame | None:
         """The unit for ``rows`` streams and this kind of sampling (``width``: ranking that many codes, None:
-        every code), captured on first use; None when graphs are off (or capture fails). A unit that fails
-        to compile turns fusion off and is made without it."""
+        every code), recorded on first use; None when graphs are off (or recording fails). While fusing,
+        the unit is compiled: at once, or, when the fusion compiles in the background, once its compile
+        beside generation is done (until then the step's own recorded unit serves, or nothing on a CPU).
+        A unit that fails to compile turns fusion off and is made without it."""
         if self.capture.off is not None:
             return None
         key = (rows, greedy, width)
-        if key in self.units and self.units[key].fused and not self.fusing:  # compiling went off meanwhile
+        unit = self.units.get(key)
+        if unit is not None and unit.fused and not self.fusing:  # compiling went off meanwhile
             del self.units[key]
-            self.checked.discard(key)
-        if key in self.units:
-            return self.units[key]
-        if self.fused_only and not self.fusing:
-            return None
+            unit = None
+        if self.fusing and (unit is None or not unit.fused):
+            assert self.fusion is not None
+            if unit is None and self.fusion.background and not self.fused_only and not self.fusion.busy:
+                unit = self._record(key, rows, greedy, batched, width, fused=False)  # serves while it compiles
+            if self._compiled(key, rows, greedy, batched, width):
+                unit = self._record(key, rows, greedy, batched, width, fused=True) or self.units.get(key)
+        if unit is not None or self.capture.off is not None:
+            return unit
+        if self.fused_only or (self.fusion is not None and self.fusion.busy):
+            return None  # on CUDA nothing is recorded while a frame compiles beside generation
+        return self._record(key, rows, greedy, batched, width, fused=False)
+
+    def _record(self, key: Key, rows: int, greedy: bool, batched: bool, width: int | None,
+                fused: bool) -> GraphedFrame | None:  # fmt: skip
+        """A new unit for ``key`` (compiled when ``fused``), recorded; it replaces the key's unit and is
+        self-checked at its first use. A failure turns compiling off (``fused``) or graphs off: None."""
         unit = new_unit(self.loop, greedy, rows, batched, width)
-        fused = self.fusing
         try:
             if fused:
                 assert self.fusion is not None
-                first_compile_notice()
                 unit.fuse(self.fusion.compiler)
-            unit.replay = self.capture.record(unit)  # a fused unit compiles in its warm-up
+            unit.replay = self.capture.record(unit)  # a fused unit compiles in its warm-up (or finds it compiled)
         except Exception as err:  # capture is an optimisation: generate eagerly from now on
             if fused:
                 self._fusion_off(f"compiling a frame failed ({type(err).__name__}: {_first_line(err)})")
-                return self._unit(rows, greedy, batched, width)
-            self._turn_off(f"capturing a frame failed ({type(err).__name__}: {err})")
+            else:
+                self._turn_off(f"capturing a frame failed ({type(err).__name__}: {err})")
             return None
         self.units[key] = unit
+        self.checked.discard(key)
         return unit
+
+    def _compiled(self, key: Key, rows: int, greedy: bool, batched: bool, width: int | None) -> bool:
+        """Whether ``key``'s unit may be compiled and recorded now. Without a background fusion: yes (it
+        compiles at its warm-up). With one, the first ask starts compiling it beside generation, on a twin
+        of the loop; no until that is done and nothing else compiles; a compile that failed turns fusion
+        off (with its one line)."""
+        assert self.fusion is not None
+        if not self.fusion.background:
+            first_compile_notice()
+            return True
+        job = self.jobs.get(key)
+        if job is None:
+            first_compile_notice(background=True)
+            job = self.jobs[key] = self.fusion.start(lambda: self._compile_twin(rows, greedy, batched, width))
+        if self.fusion.busy:
+            return False
+        if job.error is not None:
+            del self.jobs[key]
+            self._fusion_off(f"compiling a frame failed ({type(job.error).__name__}: {_first_line(job.error)})")
+            return False
+        return True
+
+    def _compile_twin(self, rows: int, greedy: bool, batched: bool, width: int | None) -> None:
+        """Compile ``key``'s frame on a twin of the loop (in the compile's thread): its trial frame writes
+        the twin's caches and buffers only. The unit made later from the same code finds it compiled."""
+        assert self.fusion is not None
+        unit = new_unit(self.loop.twin(), greedy, rows, batched, width)
+        unit.fuse(self.fusion.compiler)
+        unit.warm_up()
+
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Wait until every frame compiling beside generation is done (a benchmark's warm-up); whether
+        all were done within ``timeout`` seconds (None: no limit)."""
+        return all(job.done.wait(timeout) for job in list(self.jobs.values()))
 
     def batch_unit(self, rows: int, greedy: bool, state: Callable[[GraphedFrame, int], None]) -> GraphedFrame | None:
         """The checked unit for ``rows`` streams (several streams generated together), or None when graphs

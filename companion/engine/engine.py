@@ -90,6 +90,11 @@ class Engine:
         self._live: str | None = None  # the stream being generated (its text), None between streams
         self.batcher = Batcher(self) if max_batch > 1 else None
 
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Wait until frames compiling beside generation (``fused.py``) are done; whether they all were
+        within ``timeout`` seconds (None: no limit). The next turn then uses them."""
+        return self.graphs.wait_compiled(timeout) if self.graphs is not None else True
+
     def sibling(self, max_batch: int) -> Engine:
         """Another engine on the same weights (and the same way of recording frames), taking ``max_batch``
         streams at once: its own caches, prefix records and graphs."""

@@ -38,6 +38,7 @@ class FrameLoop:
 
     def __init__(self, model: Any, max_seq_len: int, slots: int) -> None:
         cfg = model.config
+        self.model = model
         self.num_codebooks = cfg.num_codebooks
         self.vocab = cfg.vocab_size
         self.slots = slots
@@ -70,6 +71,11 @@ class FrameLoop:
         # Codes Mimi can decode (the sampler never picks others).
         codec_size = int(model.codec_model.config.codebook_size)
         self.decodable_codes = codec_size if codec_size < self.vocab else None
+
+    def twin(self) -> FrameLoop:
+        """A loop on the same weights with caches of its own, of the same shapes: what a frame compiles on
+        beside generation (it writes only its own caches)."""
+        return FrameLoop(self.model, self.scratch, self.slots)
 
     @property
     def length(self) -> int:

@@ -20,6 +20,12 @@ codebooks a call halve those calls, and inductor writes each piece's wrapper in 
 rather than Python. Compiled code is kept on disk (inductor's caches, under companion's cache
 directory), so only the first start on a machine pays for compilation.
 
+The process's ``FUSION`` compiles beside generation: the first turn that wants a kind of frame starts
+compiling it in a thread, on a twin of the frame loop (the same weights, caches of its own: the
+compile's trial frame writes nothing a turn reads), and goes on without it (eagerly on a CPU, with the
+step's own CUDA graph on CUDA). A later turn finds it compiled and records it, and the self-check runs
+there, on the turn's state. So no start waits for the compiler, cold or warm.
+
 Fused kernels round once where the step-by-step path rounds after every operation, so the fused frame
 is not bit-equal to it: its self-check (``self_check.py``) runs the step-by-step frame from the same
 state, made to pick the fused frame's codes, and holds the two within a tolerance per dtype.
@@ -27,9 +33,11 @@ state, made to pick the fused frame's codes, and holds the two within a toleranc
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -52,9 +60,22 @@ def compile_wanted(setting: str, device: torch.device) -> bool:
 
 
 def use_compile_cache(cache_dir: Path) -> None:
-    """Keep inductor's compiled code under ``cache_dir``/compiled (unless the user set
-    ``TORCHINDUCTOR_CACHE_DIR``): the second start loads what the first compiled."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "compiled"))
+    """Keep inductor's compiled code under ``cache_dir``/compiled (unless the user chose a place with
+    ``TORCHINDUCTOR_CACHE_DIR``): the second start loads what the first compiled. Importing
+    ``torch._dynamo`` (transformers does) sets that variable to inductor's default, a folder in the
+    system's temporary directory: that value is no choice, and is replaced."""
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen is None or os.path.abspath(chosen) == _inductor_default():
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir / "compiled")
+
+
+def _inductor_default() -> str | None:
+    """Where inductor keeps compiled code when nobody says (None if this torch does not tell)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:
+        return None
+    return os.path.abspath(default_cache_dir())
 
 
 def check_compiler_early(device: torch.device) -> threading.Thread | None:
@@ -76,17 +97,24 @@ def _check_vector_isa() -> None:
 
 
 _told: set[str] = set()
+COMPILED = ("fxgraph", "aotautograd")  # what inductor keeps of compiled code (the vector check keeps other things)
 
 
-def first_compile_notice() -> None:
+def first_compile_notice(background: bool = False) -> None:
     """Say so (once a process) before compiling into an empty compile cache: the first start on a
-    machine waits for the compiler, the first reply with it."""
+    machine compiles for a minute or more (``background``: while replies go on, slower; else the first
+    reply waits for it)."""
     directory = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if not directory or directory in _told or any(Path(directory).glob("*")):
+    if not directory or directory in _told or any((Path(directory) / name).is_dir() for name in COMPILED):
         return
     _told.add(directory)
-    log.warning("compiling the speech model's frame step for this machine (the first start only: a minute or more; "
-                "later starts reuse it, and engine.compile: off skips it)")
+    if background:
+        log.warning("compiling the speech model's frame step for this machine while it speaks (the first start "
+                    "only: a minute or more, and replies are slower until it is done; later starts reuse it, and "
+                    "engine.compile: off skips it)")
+    else:
+        log.warning("compiling the speech model's frame step for this machine (the first start only: a minute or "
+                    "more; later starts reuse it, and engine.compile: off skips it)")
 
 
 
@@ -94,17 +122,76 @@ def first_compile_notice() -> None:
 Compiler = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
+class Compiling:
+    """One kind of frame compiling beside generation: ``work`` run in a thread; ``done`` is set when it
+    has finished, ``error`` is what it raised (None: compiled). A process that ends while the thread
+    lives waits for it (``_finish_compiles``)."""
+
+    def __init__(self, work: Callable[[], None]) -> None:
+        self.done = threading.Event()
+        self.error: Exception | None = None
+        self.thread = threading.Thread(target=self._run, args=(work,), name="companion-compile", daemon=True)
+        _started.append(self)
+        self.thread.start()
+
+    def _run(self, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except Exception as err:  # said by the turn that finds it (compiling then goes off)
+            self.error = err
+        finally:
+            self.done.set()
+
+
+_started: list[Compiling] = []
+
+
+@atexit.register
+def _finish_compiles() -> None:
+    """At exit, wait for compile threads to end, before the interpreter shuts down: a thread that ends
+    (dropping what its work held, tensors included) after that aborts the process ("terminate called
+    without an active exception"). Ctrl-C while waiting ends the process at once."""
+    alive = [job for job in _started if job.thread.is_alive()]
+    if not alive:
+        return
+    try:
+        if not all(job.done.is_set() for job in alive):
+            log.warning("finishing the speech model's frame compile before exiting (a minute at most, on a "
+                        "first start; Ctrl-C quits now)")
+        for job in alive:
+            job.thread.join()
+    except KeyboardInterrupt:
+        sys.stderr.flush()
+        os._exit(130)
+
+
 class Fusion:
     """Whether frames are compiled, for as long as this object lives (the process's is ``FUSION``):
     ``off`` says why not, once compiling or a fused self-check failed. ``compiler`` turns each piece
-    into its compiled form (default: torch.compile with inductor; the tests hand in others)."""
+    into its compiled form (default: torch.compile with inductor; the tests hand in others).
+    ``background``: compile beside generation (in a thread) rather than at a turn's first frame."""
 
-    def __init__(self, compiler: Compiler | None = None) -> None:
+    def __init__(self, compiler: Compiler | None = None, background: bool = False) -> None:
         self.off: str | None = None
         self.compiler = compiler
+        self.background = background
+        self._jobs: list[Compiling] = []
+
+    def start(self, work: Callable[[], None]) -> Compiling:
+        """Compile with ``work`` in a thread."""
+        self._jobs = [job for job in self._jobs if not job.done.is_set()]
+        job = Compiling(work)
+        self._jobs.append(job)
+        return job
+
+    @property
+    def busy(self) -> bool:
+        """Whether something compiles now (in a thread). Nothing is recorded meanwhile: on CUDA a
+        recording would meet the compile's own work on the device."""
+        return any(not job.done.is_set() for job in self._jobs)
 
 
-FUSION = Fusion()
+FUSION = Fusion(background=True)
 
 
 class FusedStep:
