@@ -23,6 +23,7 @@ from companion.engine import Engine, Segment
 from companion.engine.fused import Compiling, Fusion, first_compile_notice
 
 GREEDY_TOO = dataclasses.replace(SAMPLED, temperature=0.0, topk=1)
+TEXT_AGAIN = "Once more, from the top."
 
 
 class Held:
@@ -76,6 +77,43 @@ def test_turns_go_on_without_the_compile_and_the_next_turn_after_it_uses_it(tiny
     assert fusion.off is None and [u.fused for u in engine.graphs.units.values()] == [True]
     assert engine.graphs.checked == {(1, False, SAMPLED.topk)}
     assert held.threads == {"companion-compile", "MainThread"}  # the unit's own pieces, already released
+
+
+def test_the_compile_starts_once_the_turns_first_audio_is_out(tiny_engine: Engine, reference) -> None:
+    """Compiling holds Python's lock much of the time: it waits for the first audio, so as not to delay it."""
+    held = Held()
+    fusion = Fusion(held, background=True)
+    engine = engine_with(tiny_engine, fusion)
+    try:
+        stream = engine.stream(reference, 0, "First things first.", SAMPLED)
+        next(stream)  # the first audio
+        assert engine.graphs is not None and engine.graphs.jobs == {} and not fusion.busy
+        assert list(engine.graphs.wanted) == [(1, False, SAMPLED.topk)]
+        next(stream)
+        assert fusion.busy and engine.graphs.wanted == {}
+        stream.close()
+    finally:
+        held.release.set()
+    assert engine.wait_compiled(timeout=120)
+
+
+def test_a_turn_closed_at_its_first_audio_leaves_the_compile_to_the_next_turn(tiny_engine: Engine, reference) -> None:
+    held = Held()
+    fusion = Fusion(held, background=True)
+    engine, eager = engine_with(tiny_engine, fusion), engine_with(tiny_engine, None)
+    try:
+        stream = engine.stream(reference, 0, "Gone at once.", SAMPLED)
+        next(stream)
+        stream.close()
+        assert engine.graphs is not None and engine.graphs.jobs == {} and not fusion.busy
+        second = engine.stream(reference, 0, TEXT_AGAIN, SAMPLED)
+        first_chunk = next(second)  # asked again: started with this turn, which goes on without it
+        assert fusion.busy and engine.graphs.wanted == {}
+        codes = torch.cat([first_chunk.codes, *(c.codes for c in second)], dim=1)
+        assert torch.equal(codes, torch.cat([c.codes for c in eager.stream(reference, 0, TEXT_AGAIN, SAMPLED)], dim=1))
+    finally:
+        held.release.set()
+    assert engine.wait_compiled(timeout=120)
 
 
 def test_a_compile_that_fails_beside_a_turn_is_said_in_one_line_by_the_next_turn(

@@ -204,6 +204,7 @@ class FrameGraphs:
         self.units: dict[Key, GraphedFrame] = {}  # (streams, greedy, width) -> unit
         self.checked: set[Key] = set()
         self.jobs: dict[Key, Compiling] = {}  # units compiling (or compiled) beside generation
+        self.wanted: dict[Key, Callable[[], None]] = {}  # units to compile once the turn's first audio is out
 
     @property
     def fusing(self) -> bool:
@@ -314,17 +315,19 @@ class FrameGraphs:
 
     def _compiled(self, key: Key, rows: int, greedy: bool, batched: bool, width: int | None) -> bool:
         """Whether ``key``'s unit may be compiled and recorded now. Without a background fusion: yes (it
-        compiles at its warm-up). With one, the first ask starts compiling it beside generation, on a twin
-        of the loop; no until that is done and nothing else compiles; a compile that failed turns fusion
-        off (with its one line)."""
+        compiles at its warm-up). With one, the first ask wants it compiled beside generation, on a twin
+        of the loop (started by ``start_wanted``, or by the next ask); no until that is done and nothing
+        else compiles; a compile that failed turns fusion off (with its one line)."""
         assert self.fusion is not None
         if not self.fusion.background:
             first_compile_notice()
             return True
         job = self.jobs.get(key)
         if job is None:
-            first_compile_notice(background=True)
-            job = self.jobs[key] = self.fusion.start(lambda: self._compile_twin(rows, greedy, batched, width))
+            if key not in self.wanted:  # started once this turn's first audio is out (``start_wanted``)
+                self.wanted[key] = lambda: self._compile_twin(rows, greedy, batched, width)
+                return False
+            job = self._start(key)  # asked again before that: now
         if self.fusion.busy:
             return False
         if job.error is not None:
@@ -332,6 +335,19 @@ class FrameGraphs:
             self._fusion_off(f"compiling a frame failed ({type(job.error).__name__}: {_first_line(job.error)})")
             return False
         return True
+
+    def start_wanted(self) -> None:
+        """Start compiling the frames turns have asked for. The engine calls it once a turn's first audio
+        is out: compiling holds Python's lock much of the time, and would delay that audio."""
+        for key in list(self.wanted):
+            if self.fusing:
+                self._start(key)
+
+    def _start(self, key: Key) -> Compiling:
+        assert self.fusion is not None
+        first_compile_notice(background=True)
+        job = self.jobs[key] = self.fusion.start(self.wanted.pop(key))
+        return job
 
     def _compile_twin(self, rows: int, greedy: bool, batched: bool, width: int | None) -> None:
         """Compile ``key``'s frame on a twin of the loop (in the compile's thread): its trial frame writes

@@ -237,6 +237,8 @@ class Engine:
                 return  # a cancelled call yields nothing more, not even the frames already made
             if pending and (frame is None or len(pending) >= want):
                 yield self._chunk(torch.stack(pending, dim=1), stats, start)
+                if self.graphs is not None and stats.frames == len(pending):  # the first audio is out
+                    self.graphs.start_wanted()
                 pending, want = [], next(sizes)
             if frame is None:
                 break
