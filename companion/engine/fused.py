@@ -20,9 +20,9 @@ codebooks a call halve those calls, and inductor writes each piece's wrapper in 
 rather than Python. Compiled code is kept on disk (inductor's caches, under companion's cache
 directory), so only the first start on a machine pays for compilation.
 
-The process's ``FUSION`` compiles beside generation: the first turn that wants a kind of frame starts
-compiling it in a thread, on a twin of the frame loop (the same weights, caches of its own: the
-compile's trial frame writes nothing a turn reads), and goes on without it (eagerly on a CPU, with the
+The process's ``FUSION`` compiles beside generation: once the first turn that wants a kind of frame has
+its first audio out, a thread compiles it on a twin of the frame loop (the same weights, caches of its
+own: the compile's trial frame writes nothing a turn reads); the turn goes on without it (eagerly on a CPU, with the
 step's own CUDA graph on CUDA). A later turn finds it compiled and records it, and the self-check runs
 there, on the turn's state. So no start waits for the compiler, cold or warm.
 
