@@ -27,8 +27,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from companion.engine.bench import random_engine
-from companion.engine.cuda_graphs import GraphedFrame, new_unit
 from companion.engine.fused import FusedStep, _inductor
+from companion.engine.unit import GraphedFrame, new_unit
 
 
 class OpCount(TorchDispatchMode):

@@ -304,7 +304,7 @@ def cuda_kernels_per_frame(engine: Engine) -> int:
     """CUDA kernels one sampled fused step launches (profiled eagerly, not replayed)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from companion.engine.cuda_graphs import new_unit
+    from companion.engine.unit import new_unit
 
     unit = new_unit(engine.loop, False)
     unit.fuse()

@@ -17,7 +17,8 @@ import torch
 from test_engine_graphs import CorruptingCapture, FrozenCapture, LateFailingCapture, Recorder
 
 from companion.engine import Engine, GenerationOptions, Segment
-from companion.engine.cuda_graphs import Capture, GraphedFrame
+from companion.engine.cuda_graphs import Capture
+from companion.engine.unit import GraphedFrame
 
 GREEDY = GenerationOptions(temperature=0.0, max_frames=8)
 SAMPLED = GenerationOptions(temperature=0.8, topk=40, seed=3, max_frames=8)

@@ -20,9 +20,10 @@ import torch
 from test_engine_graphs import Recorder
 
 from companion.engine import Engine, GenerationOptions, Segment
-from companion.engine.cuda_graphs import Capture, GraphedFrame, new_unit
+from companion.engine.cuda_graphs import Capture
 from companion.engine.fused import FusedStep, Fusion, compile_wanted
 from companion.engine.self_check import TOLERANCE, Tolerance, agreement
+from companion.engine.unit import GraphedFrame, new_unit
 
 GREEDY = GenerationOptions(temperature=0.0, topk=1, max_frames=12)
 SAMPLED = GenerationOptions(temperature=0.9, topk=40, seed=11, max_frames=12)

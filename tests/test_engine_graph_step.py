@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 
 from companion.engine import Engine, GenerationOptions
-from companion.engine.cuda_graphs import Capture, GraphedFrame
+from companion.engine.cuda_graphs import Capture
 from companion.engine.sampling import Sampler
+from companion.engine.unit import GraphedFrame
 
 
 def test_static_step_gives_the_eager_greedy_codes(tiny_engine: Engine) -> None:

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from companion.engine import Engine, GenerationOptions, Segment
-from companion.engine.cuda_graphs import Capture, GraphedFrame
+from companion.engine.cuda_graphs import Capture
 from companion.engine.sampling import Sampler
 from companion.engine.self_check import SELF_CHECK_FRAMES
+from companion.engine.unit import GraphedFrame
 
 GREEDY = GenerationOptions(temperature=0.0, topk=1, max_frames=8)
 TEXT = "Replay me, please."

@@ -26,17 +26,11 @@ from test_engine_graphs import (
 )
 
 from companion.engine import Engine, GenerationOptions, Segment
-from companion.engine.cuda_graphs import (
-    CUDA_GRAPHS,
-    Capture,
-    GraphedFrame,
-    default_capture,
-    graphs_wanted,
-    new_unit,
-)
+from companion.engine.cuda_graphs import CUDA_GRAPHS, Capture, default_capture, graphs_wanted
 from companion.engine.fused import Fusion
 from companion.engine.sampling import BatchSampler, Sampler
 from companion.engine.self_check import SELF_CHECK_FRAMES
+from companion.engine.unit import GraphedFrame, new_unit
 
 GREEDY = GenerationOptions(temperature=0.0, topk=1, max_frames=8)
 SAMPLED = GenerationOptions(temperature=0.9, topk=50, seed=11, max_frames=8)

@@ -41,11 +41,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from companion.engine.cuda_graphs import GraphedFrame
 from companion.engine.errors import EngineBusy
 from companion.engine.sampling import RowSamplers, Sampler
 from companion.engine.stack import Stopped
 from companion.engine.types import GenerationOptions
+from companion.engine.unit import GraphedFrame
 
 if TYPE_CHECKING:
     from companion.engine.engine import Engine

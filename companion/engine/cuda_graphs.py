@@ -35,9 +35,10 @@ from typing import Any
 import torch
 
 from companion.engine.frames import FrameLoop
-from companion.engine.fused import Compiler, Compiling, FusedStep, Fusion, first_compile_notice
-from companion.engine.sampling import BatchSampler, Sampler
+from companion.engine.fused import Compiling, Fusion, first_compile_notice
+from companion.engine.sampling import Sampler
 from companion.engine.self_check import self_check
+from companion.engine.unit import GraphedFrame, ReplayFailed, first_line, new_unit
 
 log = logging.getLogger(__name__)
 
@@ -45,97 +46,6 @@ log = logging.getLogger(__name__)
 def graphs_wanted(device: torch.device) -> bool:
     """CUDA graphs on CUDA devices unless ``COMPANION_CUDA_GRAPHS=0``."""
     return device.type == "cuda" and os.environ.get("COMPANION_CUDA_GRAPHS", "1") != "0"
-
-
-class GraphedFrame:
-    """The per-frame work of ``loop`` for ``rows`` streams (rows 0..B-1 of the caches) with static
-    buffers, sampling with its own ``sampler`` (a Sampler for one stream, a BatchSampler for several)."""
-
-    def __init__(self, loop: FrameLoop, sampler: Sampler | BatchSampler, rows: int = 1) -> None:
-        self.loop, self.sampler, self.batch = loop, sampler, rows
-        width = loop.lm_head.shape[1]
-        # Static buffers: the step reads hidden/pos and writes codes/hidden/pos.
-        self.hidden = torch.zeros(rows, 1, width, dtype=loop.lm_head.dtype, device=loop.device)
-        self.pos = torch.zeros(rows, dtype=torch.long, device=loop.device)
-        self.codes = torch.zeros(rows, loop.num_codebooks, dtype=torch.long, device=loop.device)
-        self.replay: Callable[[], None] | None = None
-        # What a capture records: the step itself, or its compiled pieces (``fused.py``), which do the
-        # same work in fewer kernels; ``step`` stays the reference the self-check compares with.
-        self.fast: Callable[[], None] = self.step
-        self.fused = False
-
-    def fuse(self, compiler: Compiler | None = None) -> None:
-        """Record the compiled pieces of the step instead of the step (compiled at the warm-up)."""
-        self.fast, self.fused = FusedStep(self, compiler), True
-
-    def step(self) -> None:
-        """One frame from ``hidden`` at ``pos``: codes, then feed them, advance ``pos``."""
-        self.sampler.row = 0
-        codes = self.loop.depth_frame(self.hidden, self.sampler)
-        self.codes.copy_(codes)
-        fed = self.loop.backbone.forward_at(self.loop.embed_frame_rows(codes), self.pos)
-        self.hidden.copy_(fed)
-        self.pos.add_(1).clamp_(max=self.loop.scratch)  # padding rows stay at the scratch position
-
-    def warm_up(self) -> None:
-        """Run one step at the scratch position (allocations, kernel choice) without touching the context."""
-        self.load(torch.zeros_like(self.hidden), [self.loop.scratch] * self.batch)
-        with torch.no_grad():
-            self.fast()
-
-    def load(self, hidden: torch.Tensor, positions: int | list[int]) -> None:
-        """Point the step at `(B, 1, H)` ``hidden`` for the frame at backbone ``positions`` (one per row)."""
-        self.hidden.copy_(hidden)
-        at = [positions] if isinstance(positions, int) else positions
-        self.pos.copy_(torch.tensor(at, dtype=torch.long))
-
-    def run(self) -> None:
-        """One frame through the recorded replay."""
-        assert self.replay is not None
-        with torch.no_grad():
-            self.replay()
-
-    def frames(
-        self, hidden: torch.Tensor, max_frames: int, cancel: threading.Event | None = None
-    ) -> Iterator[torch.Tensor]:
-        """Like ``FrameLoop.frames``: frames `(K,)` until the end frame, the cap or ``cancel``."""
-        loop = self.loop
-        self.load(hidden, loop.length)
-        for _ in range(max_frames):
-            if cancel is not None and cancel.is_set():
-                return
-            self.sampler.begin_frame()  # fresh noise for this frame (outside the graph)
-            try:
-                self.run()
-            except Exception as err:
-                raise _ReplayFailed(f"{type(err).__name__}: {_first_line(err)}") from err
-            frame = self.codes[0].clone()
-            if not bool(frame.any()):  # the one host sync per frame
-                return
-            # The step always feeds the frame back: its keys/values are written, so record it.
-            loop.record_frame(frame)
-            yield frame
-
-
-class _ReplayFailed(Exception):
-    """A replay raised during a turn (after its self-check passed)."""
-
-
-def new_unit(loop: FrameLoop, greedy: bool, rows: int = 1, batched: bool = False,
-             width: int | None = None) -> GraphedFrame:  # fmt: skip
-    """A unit for one kind of sampling: greedy, or top-k over every decodable code (ranks past the
-    configured top-k masked at run time, so one unit serves every temperature and top-k; ``width``: over
-    that many best codes only, for top-k up to it); for one stream, or ``rows`` streams at once
-    (``batched``: for the loop of several streams, even at one row). ``unit.fuse()`` compiles its step
-    (``fused.py``)."""
-    if rows > 1 or batched:
-        batch = BatchSampler(rows, greedy, loop.device, loop.num_codebooks, loop.decodable_codes, loop.vocab)
-        return GraphedFrame(loop, batch, rows)
-    sampler = Sampler(
-        0.0 if greedy else 1.0, 1 if greedy else 2, 0, loop.device, loop.num_codebooks,
-        loop.decodable_codes, width=width or loop.decodable_codes or loop.vocab, vocab=loop.vocab,
-    )  # fmt: skip
-    return GraphedFrame(loop, sampler)
 
 
 class Capture:
@@ -256,7 +166,7 @@ class FrameGraphs:
                 made.append(frame)
                 yield frame
             return
-        except _ReplayFailed as failed:
+        except ReplayFailed as failed:
             self._failed(f"replaying a frame failed ({failed})", unit)
         loop = self.loop
         sampler = Sampler(temperature, topk, seed, loop.device, loop.num_codebooks, loop.decodable_codes,
@@ -305,7 +215,7 @@ class FrameGraphs:
             unit.replay = self.capture.record(unit)  # a fused unit compiles in its warm-up (or finds it compiled)
         except Exception as err:  # capture is an optimisation: generate eagerly from now on
             if fused:
-                self._fusion_off(f"compiling a frame failed ({type(err).__name__}: {_first_line(err)})")
+                self._fusion_off(f"compiling a frame failed ({type(err).__name__}: {first_line(err)})")
             else:
                 self._turn_off(f"capturing a frame failed ({type(err).__name__}: {err})")
             return None
@@ -332,7 +242,7 @@ class FrameGraphs:
             return False
         if job.error is not None:
             del self.jobs[key]
-            self._fusion_off(f"compiling a frame failed ({type(job.error).__name__}: {_first_line(job.error)})")
+            self._fusion_off(f"compiling a frame failed ({type(job.error).__name__}: {first_line(job.error)})")
             return False
         return True
 
@@ -398,7 +308,7 @@ class FrameGraphs:
     def replay_failed(self, err: Exception, unit: GraphedFrame) -> None:
         """A replay of several streams raised during a turn: graphs (or, for a compiled unit, compiling)
         go off; the caller goes on eagerly."""
-        self._failed(f"replaying a frame failed ({type(err).__name__}: {_first_line(err)})", unit)
+        self._failed(f"replaying a frame failed ({type(err).__name__}: {first_line(err)})", unit)
 
     def _failed(self, why: str, unit: GraphedFrame) -> None:
         """``unit`` failed in a turn: a compiled one turns compiling off (the next turn makes the unit again
@@ -416,9 +326,3 @@ class FrameGraphs:
         assert self.fusion is not None
         self.fusion.off = why
         log.warning("compiled frames turned off for this run: %s; generating without them (slower)", why)
-
-
-def _first_line(err: BaseException) -> str:
-    """An exception's first line (torch.compile's errors run to pages)."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else ""

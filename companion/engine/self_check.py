@@ -18,8 +18,8 @@ import torch
 from companion.engine.sampling import BatchSampler, Sampler
 
 if TYPE_CHECKING:
-    from companion.engine.cuda_graphs import GraphedFrame
     from companion.engine.frames import FrameLoop
+    from companion.engine.unit import GraphedFrame
 
 
 @dataclass(frozen=True)
