@@ -152,9 +152,11 @@ def test_streams_are_measured_in_rounds_and_each_count_against_one_of_its_round(
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(bench_streams, "run_streams", run_streams)
         out = bench_streams.streams_section(engine, [1, 2, 4], bench.BenchOptions(frames=3, repeats=2), lambda t: None)
-    # Each count on an engine of its own size (four: the one given): a warm-up each, then two rounds.
-    assert calls == [(1, 1), (2, 2), (4, 4)] * 3
-    assert given == [False, False, True] * 3
+    # Each count on an engine of its own size (four: the one given): two warm-ups each (the second after
+    # any compiling the first started), then two rounds.
+    warm_ups = [(1, 1), (1, 1), (2, 2), (2, 2), (4, 4), (4, 4)]
+    assert calls == warm_ups + [(1, 1), (2, 2), (4, 4)] * 2
+    assert given == [False, False, False, False, True, True] + [False, False, True] * 2
     rows = {row["streams"]: row for row in out["streams"]}
     assert sorted(rows) == [1, 2, 4] and out["frames"] == 3
     for n, row in rows.items():
