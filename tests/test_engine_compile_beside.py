@@ -28,15 +28,19 @@ TEXT_AGAIN = "Once more, from the top."
 
 class Held:
     """A compiler that waits until ``release`` is set before compiling (with ``then``), noting the
-    threads it compiled in."""
+    threads it compiled in and the units whose pieces it compiled."""
 
     def __init__(self, then: Callable[[Callable[..., Any]], Callable[..., Any]] = as_written) -> None:
         self.release = threading.Event()
         self.then = then
         self.threads: set[str] = set()
+        self.units: list[Any] = []
 
     def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         self.threads.add(threading.current_thread().name)
+        unit = fn.__self__.unit  # type: ignore[attr-defined]  # a piece of a FusedStep
+        if unit not in self.units:
+            self.units.append(unit)
         if not self.release.wait(120):
             raise TimeoutError("the test never let the compile go")
         return self.then(fn)
@@ -72,6 +76,11 @@ def test_turns_go_on_without_the_compile_and_the_next_turn_after_it_uses_it(tiny
     # The compile's trial frame wrote its twin's caches, not one value a turn reads.
     assert all(torch.equal(a, b) for a, b in zip(before, caches(engine), strict=True))
     assert held.threads == {"companion-compile"} and not fusion.busy
+    # It compiled the kind of frame the turn asked for, on a twin: the same weights, its own caches.
+    [twin] = held.units
+    assert twin.loop is not engine.loop and twin.loop.model is engine.model
+    assert twin.loop.backbone.keys[0].data_ptr() != engine.loop.backbone.keys[0].data_ptr()
+    assert not twin.sampler.greedy and twin.sampler.width == SAMPLED.topk and twin.batch == 1
     # The next turn records the compiled unit, checks it on its own state, and speaks with it.
     assert torch.equal(codes_of(engine, reference, SAMPLED), codes_of(eager, reference, SAMPLED))
     assert fusion.off is None and [u.fused for u in engine.graphs.units.values()] == [True]
@@ -173,6 +182,58 @@ def test_where_frames_are_recorded_the_steps_own_unit_serves_until_the_compiled_
     assert {k: u.fused for k, u in engine.graphs.units.items()} == {(1, False, None): True}
     assert engine.graphs.checked == {(1, False, None)} and recorder.captures == 2
     assert all(recorder.prefix_intact) and fusion.off is None
+
+
+def test_a_greedy_frame_compiles_as_greedy_beside_the_turn(tiny_engine: Engine, reference) -> None:
+    held = Held()
+    held.release.set()
+    engine = engine_with(tiny_engine, Fusion(held, background=True))
+    codes_of(engine, reference, GREEDY_TOO)
+    assert engine.wait_compiled(timeout=120)
+    [twin] = held.units
+    assert twin.sampler.greedy and twin.batch == 1
+
+
+class FailingForTheUnit:
+    """Compiles beside generation, then fails to compile the unit itself (in the turn's thread)."""
+
+    def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        if threading.current_thread().name != "companion-compile":
+            raise RuntimeError("InductorError: out of memory\nmore lines")
+        return fn
+
+
+def test_where_frames_are_recorded_a_unit_that_fails_to_compile_leaves_the_steps_own_unit_serving(
+    tiny_engine: Engine, reference, caplog: pytest.LogCaptureFixture
+) -> None:
+    recorder = Recorder()
+    fusion = Fusion(FailingForTheUnit(), background=True)
+    engine, eager = engine_with(tiny_engine, fusion, recorder), engine_with(tiny_engine, None)
+    codes_of(engine, reference, SAMPLED)
+    assert engine.wait_compiled(timeout=120) and engine.graphs is not None
+    with caplog.at_level(logging.WARNING, logger="companion.engine.cuda_graphs"):
+        assert torch.equal(codes_of(engine, reference, SAMPLED), codes_of(eager, reference, SAMPLED))
+    assert fusion.off == "compiling a frame failed (RuntimeError: InductorError: out of memory)"
+    assert len(caplog.records) == 1
+    # The step's own unit goes on, recorded once and checked once.
+    assert {k: u.fused for k, u in engine.graphs.units.items()} == {(1, False, None): False}
+    assert recorder.captures == 1 and engine.graphs.checked == {(1, False, None)}
+
+
+def test_the_first_compile_beside_generation_is_said_before_it_starts(
+    tiny_engine: Engine, reference, tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from companion.engine import fused
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compiled"))
+    monkeypatch.setattr(fused, "_told", set())
+    engine = engine_with(tiny_engine, Fusion(as_written, background=True))
+    with caplog.at_level(logging.WARNING, logger="companion.engine.fused"):
+        codes_of(engine, reference, SAMPLED)
+        assert engine.wait_compiled(timeout=120)
+    assert [r.getMessage() for r in caplog.records] == [
+        "compiling the speech model's frame step for this machine while it speaks (the first start only: a minute "
+        "or more, and replies are slower until it is done; later starts reuse it, and engine.compile: off skips it)"]
 
 
 def test_a_compile_job_says_when_it_is_done_and_what_it_raised() -> None:

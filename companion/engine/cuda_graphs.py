@@ -191,16 +191,13 @@ class FrameGraphs:
         if unit is not None and unit.fused and not self.fusing:  # compiling went off meanwhile
             del self.units[key]
             unit = None
-        if self.fusing and (unit is None or not unit.fused):
-            assert self.fusion is not None
-            if unit is None and self.fusion.background and not self.fused_only and not self.fusion.busy:
-                unit = self._record(key, rows, greedy, batched, width, fused=False)  # serves while it compiles
-            if self._compiled(key, rows, greedy, batched, width):
-                unit = self._record(key, rows, greedy, batched, width, fused=True) or self.units.get(key)
+        if self.fusing and (unit is None or not unit.fused) and self._compiled(key, rows, greedy, batched, width):
+            unit = self._record(key, rows, greedy, batched, width, fused=True) or self.units.get(key)
         if unit is not None or self.capture.off is not None:
             return unit
         if self.fused_only or (self.fusion is not None and self.fusion.busy):
             return None  # on CUDA nothing is recorded while a frame compiles beside generation
+        # The step's own unit: it serves until a frame compiled beside generation replaces it.
         return self._record(key, rows, greedy, batched, width, fused=False)
 
     def _record(self, key: Key, rows: int, greedy: bool, batched: bool, width: int | None,
