@@ -245,10 +245,35 @@ def test_a_compile_job_says_when_it_is_done_and_what_it_raised() -> None:
 
     job = Compiling(work)
     assert not job.done.is_set() and job.error is None
+    # A thread the process does not wait for by itself: its exit handler does, and says so.
+    assert job.thread.daemon and job.thread.name == "companion-compile"
     go.set()
     assert job.done.wait(120)
     assert isinstance(job.error, ValueError) and str(job.error) == "no compiler here"
     assert Compiling(lambda: None).done.wait(120)
+
+
+def test_a_fusion_is_busy_while_any_of_its_compiles_runs() -> None:
+    fusion = Fusion(background=True)
+    go = threading.Event()
+    first = fusion.start(lambda: None if go.wait(120) else None)
+    for _ in range(2):  # later compiles that end at once leave the first one counted
+        assert fusion.start(lambda: None).done.wait(120)
+        assert fusion.busy
+    go.set()
+    assert first.done.wait(120)
+    assert not fusion.busy
+
+
+def test_the_exit_handler_returns_only_when_compile_threads_have_ended() -> None:
+    from companion.engine import fused
+
+    go = threading.Event()
+    job = Compiling(lambda: None if go.wait(120) else None)
+    assert job in fused._started
+    threading.Thread(target=go.set).start()
+    fused._finish_compiles()
+    assert job.done.is_set() and not job.thread.is_alive()
 
 
 def test_one_line_before_compiling_beside_generation_into_an_empty_cache(
