@@ -22,9 +22,9 @@ directory), so only the first start on a machine pays for compilation.
 
 The process's ``FUSION`` compiles beside generation: once the first turn that wants a kind of frame has
 its first audio out, a thread compiles it on a twin of the frame loop (the same weights, caches of its
-own: the compile's trial frame writes nothing a turn reads); the turn goes on without it (eagerly on a CPU, with the
-step's own CUDA graph on CUDA). A later turn finds it compiled and records it, and the self-check runs
-there, on the turn's state. So no start waits for the compiler, cold or warm.
+own: the compile's trial frame writes nothing a turn reads); the turn goes on without it (eagerly on a
+CPU, with the step's own CUDA graph on CUDA). A later turn finds it compiled and records it, and the
+self-check runs there, on the turn's state. So no start waits for the compiler, cold or warm.
 
 Fused kernels round once where the step-by-step path rounds after every operation, so the fused frame
 is not bit-equal to it: its self-check (``self_check.py``) runs the step-by-step frame from the same
@@ -131,6 +131,7 @@ class Compiling:
         self.done = threading.Event()
         self.error: Exception | None = None
         self.thread = threading.Thread(target=self._run, args=(work,), name="companion-compile", daemon=True)
+        _started[:] = [job for job in _started if job.thread.is_alive()]  # the exit handler's: live ones only
         _started.append(self)
         self.thread.start()
 
